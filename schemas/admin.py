@@ -1,0 +1,32 @@
+"""Key-management requests on `sign.admin` and their replies (e.g. `signer keys create`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import INVALID_VALUE, SchemaError
+from .sign_request import unpack_map
+from .validate import as_int, as_str, require
+
+KEY_SCHEMES = ("secp256k1", "ed25519")
+OPS = ("keys.create", "keys.list")
+
+
+def decode_admin_request(raw: bytes) -> dict[str, Any]:
+    """{v: 1, request_id, op, args: {...}, reply_topic?} -> validated map."""
+    m = unpack_map(raw, 64 * 1024)
+    rid = as_str(require(m, "request_id"), "request_id")
+    if as_int(require(m, "v", rid), "v", rid) != 1:
+        raise SchemaError(INVALID_VALUE, "admin request version must be 1", rid)
+    op = as_str(require(m, "op", rid), "op", rid)
+    if op not in OPS:
+        raise SchemaError(INVALID_VALUE, f"unknown op '{op}', expected one of {OPS}", rid)
+    args = m.get("args") or {}
+    if type(args) is not dict:
+        raise SchemaError(INVALID_VALUE, "'args' must be a map", rid)
+    if op == "keys.create" and args.get("scheme") not in KEY_SCHEMES:
+        raise SchemaError(INVALID_VALUE, f"'args.scheme' must be one of {KEY_SCHEMES}", rid)
+    reply_topic = m.get("reply_topic")
+    if reply_topic is not None:
+        as_str(reply_topic, "reply_topic", rid, max_len=249)
+    return {"request_id": rid, "op": op, "args": args, "reply_topic": reply_topic}

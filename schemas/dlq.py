@@ -1,0 +1,49 @@
+"""DLQ record: an input that could not be decoded or validated, kept with its original bytes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DlqRecord:
+    reason: str  # a SchemaError code
+    message: str
+    topic: str
+    partition: int
+    offset: int
+    original: bytes | None  # the record value exactly as consumed
+    original_key: bytes | None = None
+    request_id: str | None = None  # when the input got far enough to name one
+    v: int = VERSION
+
+    def to_wire(self) -> dict[str, Any]:
+        m: dict[str, Any] = {
+            "v": self.v,
+            "reason": self.reason,
+            "message": self.message,
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+            "original": self.original,
+            "original_key": self.original_key,
+        }
+        if self.request_id is not None:
+            m["request_id"] = self.request_id
+        return m
+
+    def encode(self) -> bytes:
+        return msgpack.packb(self.to_wire(), use_bin_type=True)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> DlqRecord:
+        m = msgpack.unpackb(raw, raw=False)
+        return cls(
+            m["reason"], m["message"], m["topic"], m["partition"], m["offset"],
+            m.get("original"), m.get("original_key"), m.get("request_id"), m.get("v", VERSION),
+        )  # fmt: skip

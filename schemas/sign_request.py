@@ -1,0 +1,134 @@
+"""SignRequest: what upstream producers put on `sign.requests` (WIRE.md v1)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .errors import (
+    INVALID_PAYLOAD,
+    INVALID_VALUE,
+    MALFORMED,
+    NOT_A_MAP,
+    TOO_LARGE,
+    UNKNOWN_SCHEME,
+    UNSUPPORTED_VERSION,
+    WRONG_TYPE,
+    SchemaError,
+)
+from .eth_tx import parse_eth_tx
+from .validate import as_bytes, as_int, as_str, require
+
+VERSION = 1
+SCHEMES = ("eth_tx", "eth_personal", "eth_typed_data", "secp256k1_digest", "ed25519")
+MAX_REQUEST_BYTES = 256 * 1024
+MAX_MESSAGE_BYTES = 64 * 1024  # eth_personal / ed25519 message
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+@dataclass(frozen=True, slots=True)
+class SignRequest:
+    request_id: str
+    key_id: str
+    scheme: str
+    payload: Any
+    deadline_ms: int | None = None
+    reply_topic: str | None = None
+    auth: dict[str, Any] | None = None
+    v: int = VERSION
+
+    def to_wire(self) -> dict[str, Any]:
+        m: dict[str, Any] = {
+            "v": self.v,
+            "request_id": self.request_id,
+            "key_id": self.key_id,
+            "scheme": self.scheme,
+            "payload": self.payload,
+        }
+        if self.deadline_ms is not None:
+            m["deadline_ms"] = self.deadline_ms
+        if self.reply_topic is not None:
+            m["reply_topic"] = self.reply_topic
+        if self.auth is not None:
+            m["auth"] = self.auth
+        return m
+
+    def encode(self) -> bytes:
+        return msgpack.packb(self.to_wire(), use_bin_type=True)
+
+
+def unpack_map(raw: bytes, max_bytes: int) -> dict[str, Any]:
+    """msgpack bytes -> a map with string keys, or SchemaError (never another exception)."""
+    if type(raw) is not bytes:
+        raise SchemaError(MALFORMED, "message value is missing")
+    if len(raw) > max_bytes:
+        raise SchemaError(TOO_LARGE, f"message is {len(raw)} bytes, the limit is {max_bytes}")
+    try:
+        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_buffer_size=max_bytes)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.UnpackException) as exc:
+        raise SchemaError(MALFORMED, f"not a single valid msgpack object ({type(exc).__name__})") from None
+    except RecursionError:
+        raise SchemaError(MALFORMED, "msgpack nesting too deep") from None
+    if type(obj) is not dict:
+        raise SchemaError(NOT_A_MAP, "message must be a msgpack map")
+    return obj
+
+
+def decode_sign_request(raw: bytes) -> SignRequest:
+    """Decode and validate one SignRequest; raise SchemaError with a code on any violation."""
+    return sign_request_from_map(unpack_map(raw, MAX_REQUEST_BYTES))
+
+
+def sign_request_from_map(m: dict[str, Any]) -> SignRequest:
+    rid_raw = m.get("request_id")
+    rid = rid_raw if type(rid_raw) is str and 0 < len(rid_raw) <= 128 else None
+    v = as_int(require(m, "v", rid), "v", rid)
+    if v != VERSION:
+        raise SchemaError(UNSUPPORTED_VERSION, f"version {v} is not supported (expected 1)", rid)
+    request_id = as_str(require(m, "request_id"), "request_id", max_len=128)
+    key_id = as_str(require(m, "key_id", rid), "key_id", rid, max_len=128)
+    scheme = require(m, "scheme", rid)
+    if type(scheme) is not str:
+        raise SchemaError(WRONG_TYPE, "'scheme' must be a string", rid)
+    if scheme not in SCHEMES:
+        raise SchemaError(UNKNOWN_SCHEME, f"scheme '{scheme[:40]}' is not one of {SCHEMES}", rid)
+    payload = validate_payload(scheme, require(m, "payload", rid), rid)
+    deadline = m.get("deadline_ms")
+    if deadline is not None:
+        deadline = as_int(deadline, "deadline_ms", rid)
+        if deadline < 0:
+            raise SchemaError(INVALID_VALUE, "'deadline_ms' must be a unix epoch in ms", rid)
+    reply_topic = m.get("reply_topic")
+    if reply_topic is not None:
+        reply_topic = as_str(reply_topic, "reply_topic", rid, max_len=249)
+        if not _TOPIC.match(reply_topic):
+            raise SchemaError(INVALID_VALUE, "'reply_topic' is not a valid Kafka topic name", rid)
+    auth = m.get("auth")
+    if auth is not None and type(auth) is not dict:
+        raise SchemaError(WRONG_TYPE, "'auth' must be a map", rid)
+    return SignRequest(request_id, key_id, scheme, payload, deadline, reply_topic, auth)
+
+
+def validate_payload(scheme: str, payload: Any, rid: str | None) -> Any:
+    """Check the payload's shape for its scheme; the payload itself is passed on unchanged."""
+    if scheme == "secp256k1_digest":
+        digest = as_bytes(payload, "payload", rid, max_len=32)
+        if len(digest) != 32:
+            raise SchemaError(INVALID_PAYLOAD, "secp256k1_digest payload must be 32 bytes", rid)
+    elif scheme in ("eth_personal", "ed25519"):
+        as_bytes(payload, "payload", rid, max_len=MAX_MESSAGE_BYTES)
+    elif scheme == "eth_tx":
+        parse_eth_tx(payload, rid)
+    elif scheme == "eth_typed_data":
+        if type(payload) is not dict or not {"types", "primaryType", "domain", "message"} <= set(
+            payload
+        ):
+            raise SchemaError(
+                INVALID_PAYLOAD,
+                "eth_typed_data payload must be a map with types, primaryType, domain, message",
+                rid,
+            )
+    return payload
