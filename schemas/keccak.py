@@ -13,4 +13,4 @@ def to_checksum_address(addr: bytes) -> str:
     """EIP-55 mixed-case hex of a 20-byte address."""
     hexaddr = addr.hex()
     digest = keccak256(hexaddr.encode()).hex()
-    return "0x" + "".join(c.upper() if int(d, 16) >= 8 else c for c, d in zip(hexaddr, digest, strict=True))
+    return "0x" + "".join(c.upper() if int(d, 16) >= 8 else c for c, d in zip(hexaddr, digest[:40], strict=True))

@@ -67,7 +67,7 @@ def unpack_map(raw: bytes, max_bytes: int) -> dict[str, Any]:
     if len(raw) > max_bytes:
         raise SchemaError(TOO_LARGE, f"message is {len(raw)} bytes, the limit is {max_bytes}")
     try:
-        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_buffer_size=max_bytes)
+        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.UnpackException) as exc:
         raise SchemaError(MALFORMED, f"not a single valid msgpack object ({type(exc).__name__})") from None
     except RecursionError:

@@ -1,0 +1,130 @@
+"""The `signer` command: demo, up, host, keys create|list."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+
+from schemas.logs import configure_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m signer", description="Enclave signer cluster")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    demo = sub.add_parser("demo", help="start a local cluster, sign a sample batch, verify, stop")
+    demo.add_argument("-n", type=int, default=200, help="number of sample requests")
+    sub.add_parser("up", help="run a local cluster in the foreground until interrupted")
+    sub.add_parser("host", help="run one host worker (KAFKA_BOOTSTRAP, SIGNER_ENCLAVES)")
+    keys = sub.add_parser("keys", help="key management through a running cluster")
+    ksub = keys.add_subparsers(dest="keys_cmd", required=True)
+    kc = ksub.add_parser("create", help="create a key inside an enclave")
+    kc.add_argument("--scheme", choices=["secp256k1", "ed25519"], default="secp256k1")
+    ksub.add_parser("list", help="list the keys an enclave holds")
+    args = ap.parse_args(argv)
+
+    configure_logging("signer", os.environ.get("SIGNER_LOG_LEVEL", "WARNING" if args.cmd != "host" else "INFO"))
+    try:
+        if args.cmd == "demo":
+            from .demo import run_demo
+
+            return _run(run_demo(args.n))
+        if args.cmd == "up":
+            return _run(_up())
+        if args.cmd == "host":
+            return _run(_host())
+        return _run(_keys(args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one clear line for the operator, not a traceback
+        from broker.local_kafka import KafkaUnavailable
+        from .admin_client import AdminError
+        from .config import ConfigError
+
+        if isinstance(exc, KafkaUnavailable | AdminError | ConfigError | ValueError):
+            print(f"signer: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _run(coro: object) -> int:
+    try:
+        import uvloop
+
+        return int(uvloop.run(coro) or 0)  # type: ignore[arg-type]
+    except ImportError:
+        return int(asyncio.run(coro) or 0)  # type: ignore[arg-type]
+
+
+async def _until_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _up() -> int:
+    from .cluster import LocalCluster
+
+    async with LocalCluster() as cluster:
+        print(f"KAFKA_BOOTSTRAP={cluster.bootstrap}", flush=True)
+        print(f"metrics: http://127.0.0.1:{cluster.http_port}/metrics  (Ctrl-C to stop)", flush=True)
+        waiter = asyncio.create_task(_until_signal())
+        runner = asyncio.create_task(cluster.wait())
+        done, _ = await asyncio.wait({waiter, runner}, return_when=asyncio.FIRST_COMPLETED)
+        for t in (waiter, runner):
+            if t not in done:
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+        for t in done:
+            t.result()
+    print("stopped", flush=True)
+    return 0
+
+
+async def _host() -> int:
+    from .config import ConfigError, HostConfig
+    from .host import HostWorker
+    from .http import serve_http
+
+    cfg = HostConfig.from_env()
+    if not cfg.bootstrap:
+        raise ConfigError("KAFKA_BOOTSTRAP is not set (HOST:PORT of the Kafka cluster)")
+    host = HostWorker(cfg)
+    await host.start()
+    runner, port = await serve_http(host, cfg.http_host, cfg.http_port)
+    print(f"host worker up; metrics on http://{cfg.http_host}:{port}/metrics", flush=True)
+    run = asyncio.create_task(host.run())
+    stop = asyncio.create_task(_until_signal())
+    await asyncio.wait({run, stop}, return_when=asyncio.FIRST_COMPLETED)
+    host.stop()
+    stop.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await stop
+    await run
+    await runner.cleanup()
+    return 0
+
+
+async def _keys(args: argparse.Namespace) -> int:
+    from .admin_client import admin_call
+    from .config import ConfigError, HostConfig
+
+    cfg = HostConfig.from_env()
+    if not cfg.bootstrap:
+        raise ConfigError(
+            "KAFKA_BOOTSTRAP is not set: start a cluster with `python -m signer up` and export "
+            "the KAFKA_BOOTSTRAP=HOST:PORT line it prints"
+        )
+    if args.keys_cmd == "create":
+        result = await admin_call(cfg.bootstrap, "keys.create", {"scheme": args.scheme}, cfg.layout)
+    else:
+        result = await admin_call(cfg.bootstrap, "keys.list", {}, cfg.layout)
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,150 @@
+"""A whole local cluster in one place: Kafka (unless KAFKA_BOOTSTRAP is set), an enclave
+worker process on a Unix socket standing in for vsock, and a host worker.
+
+Used by `python -m signer up` and `python -m signer demo`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import structlog
+
+from broker.local_kafka import LocalKafka
+from broker.topics import ensure_topics
+
+from .config import HostConfig
+from .host import HostWorker
+from .http import serve_http
+
+log = structlog.get_logger("cluster")
+
+
+class EnclaveProcess:
+    """An enclave worker child process, owned by pid; ready when it prints its READY line."""
+
+    def __init__(self, url: str, enclave_id: str) -> None:
+        self.url = url
+        self.enclave_id = enclave_id
+        self.proc: asyncio.subprocess.Process | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    async def start(self, timeout: float = 30.0) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "enclave_worker", "--listen", self.url,
+            "--enclave-id", self.enclave_id,
+            stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(timeout):
+            line = await self.proc.stdout.readline()
+        if not line.startswith(b"READY"):
+            await self.stop()
+            raise RuntimeError(f"enclave worker {self.enclave_id} did not start: {line!r}")
+        # keep reading stdout so the child never blocks on a full pipe
+        self._drain = asyncio.create_task(self._drain_stdout())
+
+    async def _drain_stdout(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while await self.proc.stdout.readline():
+            pass
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.proc.wait()
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        if self._drain is not None:
+            self._drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain
+
+
+class LocalCluster:
+    def __init__(self, http_port: int | None = None, partitions: int | None = None) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="signer-cluster-"))
+        self.kafka: LocalKafka | None = None
+        self.enclave: EnclaveProcess | None = None
+        self.host: HostWorker | None = None
+        self.config: HostConfig | None = None
+        self.http_port = 0
+        self._http_port_req = http_port
+        self._partitions = partitions
+        self._run: asyncio.Task[None] | None = None
+        self._http = None
+
+    @property
+    def bootstrap(self) -> str:
+        assert self.config is not None
+        return self.config.bootstrap
+
+    async def __aenter__(self) -> LocalCluster:
+        try:
+            await self._start()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _start(self) -> None:
+        bootstrap = os.environ.get("KAFKA_BOOTSTRAP", "")
+        if not bootstrap:
+            self.kafka = LocalKafka(data_dir=self.workdir / "kafka")
+            await asyncio.to_thread(self.kafka.start)
+            bootstrap = self.kafka.bootstrap
+            log.info("kafka_ready", bootstrap=bootstrap, startup_s=round(self.kafka.startup_seconds, 2))
+        url = f"unix://{self.workdir / 'enclave-0.sock'}"
+        overrides: dict[str, object] = {"bootstrap": bootstrap, "enclaves": [url]}
+        cfg = HostConfig.from_env(**overrides)
+        if self._partitions:
+            from dataclasses import replace
+
+            cfg.layout = replace(cfg.layout, request_partitions=self._partitions)
+        if self._http_port_req is not None:
+            cfg.http_port = self._http_port_req
+        self.config = cfg
+        await ensure_topics(bootstrap, cfg.layout)
+        self.enclave = EnclaveProcess(url, "enclave-0")
+        await self.enclave.start()
+        self.host = HostWorker(cfg)
+        await self.host.start()
+        self._http, self.http_port = await serve_http(self.host, cfg.http_host, cfg.http_port)
+        self._run = asyncio.create_task(self.host.run(), name="host-worker")
+
+    async def wait(self) -> None:
+        """Return when the host worker's loop ends (it re-raises the loop's failure)."""
+        assert self._run is not None
+        await self._run
+
+    async def aclose(self) -> None:
+        # shutdown order: stop fetching and drain the host, then the enclave, then Kafka
+        if self.host is not None:
+            self.host.stop()
+        if self._run is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._run
+            self._run = None
+        if self._http is not None:
+            await self._http.cleanup()
+            self._http = None
+        if self.enclave is not None:
+            await self.enclave.stop()
+            self.enclave = None
+        if self.kafka is not None:
+            await asyncio.to_thread(self.kafka.stop)
+            self.kafka = None
+        shutil.rmtree(self.workdir, ignore_errors=True)

@@ -1,0 +1,195 @@
+"""The host worker: Kafka in, enclave channel, results out, offsets committed after results are durable.
+
+Per fetched batch: decode strictly (bad input -> DLQ with its original bytes),
+expire what is past its deadline, send the rest to the enclave as one frame,
+publish every result with the idempotent acks=all producer, wait for the
+acknowledgements, and only then commit the batch's offsets. A crash at any
+point re-delivers uncommitted requests; signing is deterministic, so a redone
+result carries the same bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+import msgpack
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
+from broker.clients import request_consumer, result_producer
+from schemas.admin import decode_admin_request
+from schemas.dlq import DlqRecord
+from schemas.errors import SchemaError
+from schemas.sign_request import SignRequest, decode_sign_request
+from schemas.sign_result import DEADLINE_PASSED, SignResult
+
+from .channel import ChannelClosed, EnclaveChannel
+from .config import HostConfig
+from .metrics import HostMetrics
+
+log = structlog.get_logger("host")
+
+
+class HostWorker:
+    def __init__(self, config: HostConfig, metrics: HostMetrics | None = None) -> None:
+        if not config.enclaves:
+            raise ValueError("no enclave channel configured (SIGNER_ENCLAVES)")
+        self.config = config
+        self.metrics = metrics or HostMetrics()
+        self.channel = EnclaveChannel(config.enclaves[0])
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self._stopping = asyncio.Event()
+        self.kafka_ready = False
+
+    async def start(self) -> None:
+        cfg = self.config
+        await self._connect_channel()
+        self.producer = result_producer(cfg.bootstrap)
+        await self.producer.start()
+        self.consumer = request_consumer(
+            cfg.bootstrap, cfg.layout.requests, cfg.layout.admin, group_id=cfg.group_id
+        )
+        await self.consumer.start()
+        self.kafka_ready = True
+
+    async def run(self) -> None:
+        """Consume until stop(); then finish the batch in hand, commit, leave the group."""
+        assert self.consumer is not None
+        try:
+            while not self._stopping.is_set():
+                batch = await self.consumer.getmany(
+                    timeout_ms=200, max_records=self.config.max_batch
+                )
+                if batch:
+                    await self._process(batch)
+        finally:
+            await self._close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _close(self) -> None:
+        self.kafka_ready = False
+        if self.consumer is not None:
+            await self.consumer.stop()  # leaves the group
+        if self.producer is not None:
+            await self.producer.stop()  # flushes
+        await self.channel.close()
+        self.metrics.enclaves_connected.set(0)
+
+    async def _connect_channel(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                await self.channel.connect()
+                self.metrics.enclaves_connected.set(1)
+                return
+            except (OSError, ChannelClosed, TimeoutError) as exc:
+                log.warning("channel_connect_failed", url=self.channel.url, error=str(exc))
+                if self._stopping.is_set():
+                    raise
+                # jittered exponential backoff
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 2.0)
+
+    async def _process(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        assert self.producer is not None and self.consumer is not None
+        cfg = self.config
+        now_ms = int(time.time() * 1000)
+        acks: list[asyncio.Future[Any]] = []
+        to_sign: list[tuple[SignRequest, int]] = []
+        count = sum(len(r) for r in batch.values())
+        self.metrics.in_flight.set(count)
+        for tp, records in batch.items():
+            for rec in records:
+                if tp.topic == cfg.layout.admin:
+                    acks.append(await self._admin(rec))
+                    continue
+                try:
+                    req = decode_sign_request(rec.value)  # type: ignore[arg-type]
+                except SchemaError as exc:
+                    acks.append(await self._to_dlq(rec, exc))
+                    continue
+                self.metrics.stage.labels("kafka_wait").observe(max(0, now_ms - rec.timestamp) / 1000)
+                if req.deadline_ms is not None and req.deadline_ms <= now_ms:
+                    res = SignResult.failure(req.request_id, req.key_id, "expired", DEADLINE_PASSED,
+                                             "deadline passed before the request reached an enclave")  # fmt: skip
+                    acks.append(await self._publish(req, res.to_wire()))
+                    continue
+                to_sign.append((req, max(0, now_ms - rec.timestamp)))
+        if to_sign:
+            for res, (req, wait_ms) in zip(await self._sign([r for r, _ in to_sign]), to_sign, strict=True):
+                res.setdefault("timings_us", {})["kafka_wait"] = wait_ms * 1000
+                acks.append(await self._publish(req, res))
+        t0 = time.perf_counter()
+        await asyncio.gather(*acks)  # every result durably written (acks=all) ...
+        self.metrics.stage.labels("result_publish").observe(time.perf_counter() - t0)
+        # ... before the offsets that produced them are committed
+        await self.consumer.commit(
+            {tp: OffsetAndMetadata(records[-1].offset + 1, "") for tp, records in batch.items()}
+        )
+        self.metrics.in_flight.set(0)
+
+    async def _sign(self, reqs: list[SignRequest]) -> list[dict[str, Any]]:
+        wire = [r.to_wire() for r in reqs]
+        while True:
+            t0 = time.perf_counter()
+            try:
+                results = await self.channel.sign(wire, self.config.max_batch)
+            except ChannelClosed as exc:
+                # resend the same batch on a new connection: deterministic signatures make it safe
+                log.warning("channel_lost_resending", error=str(exc), requests=len(wire))
+                self.metrics.enclaves_connected.set(0)
+                self.metrics.reconnects.inc()
+                await self.channel.close()
+                await self._connect_channel()
+                continue
+            rtt = time.perf_counter() - t0
+            self.metrics.stage.labels("channel_round_trip").observe(rtt)
+            self.metrics.batch_size.observe(len(wire))
+            for res in results:
+                svc = res.get("timings_us", {}).get("enclave_service", 0)
+                self.metrics.stage.labels("enclave_service").observe(svc / 1e6)
+            return results
+
+    async def _publish(self, req: SignRequest, result: dict[str, Any]) -> asyncio.Future[Any]:
+        assert self.producer is not None
+        self.metrics.requests.labels(req.scheme, result.get("status", "error")).inc()
+        topic = req.reply_topic or self.config.layout.results
+        return await self.producer.send(
+            topic, msgpack.packb(result, use_bin_type=True), key=req.request_id.encode()
+        )
+
+    async def _to_dlq(self, rec: ConsumerRecord[bytes, bytes], exc: SchemaError) -> asyncio.Future[Any]:
+        assert self.producer is not None
+        self.metrics.dlq.labels(exc.code).inc()
+        log.info("dlq", reason=exc.code, topic=rec.topic, partition=rec.partition, offset=rec.offset,
+                 request_id=exc.request_id)  # fmt: skip
+        record = DlqRecord(exc.code, exc.message, rec.topic, rec.partition, rec.offset, rec.value,
+                           rec.key, exc.request_id)  # fmt: skip
+        return await self.producer.send(self.config.layout.dlq, record.encode(), key=rec.key)
+
+    async def _admin(self, rec: ConsumerRecord[bytes, bytes]) -> asyncio.Future[Any]:
+        assert self.producer is not None
+        try:
+            req = decode_admin_request(rec.value)  # type: ignore[arg-type]
+        except SchemaError as exc:
+            return await self._to_dlq(rec, exc)
+        try:
+            reply = await self.channel.key_op(req["op"], req["args"])
+            body = {"v": 1, "request_id": req["request_id"], "ok": bool(reply.get("ok")),
+                    "result": reply.get("result"), "error": reply.get("error"),
+                    "enclave_id": self.channel.enclave_id}  # fmt: skip
+        except ChannelClosed as exc:
+            body = {"v": 1, "request_id": req["request_id"], "ok": False,
+                    "error": {"code": "enclave_unavailable", "message": str(exc)}}  # fmt: skip
+        log.info("admin_op", op=req["op"], request_id=req["request_id"], ok=body["ok"])
+        topic = req["reply_topic"] or self.config.layout.admin_replies
+        return await self.producer.send(
+            topic, msgpack.packb(body, use_bin_type=True), key=req["request_id"].encode()
+        )
