@@ -1,0 +1,81 @@
+"""Test session set-up: one real Kafka broker (KRaft, from Maven Central jars) for the session.
+
+Every test gets its own topic names and consumer group, so tests never see
+each other's records. Processes started by tests are stopped by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from broker.local_kafka import LocalKafka
+from broker.topics import TopicLayout
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
+    """The session's broker; KAFKA_BOOTSTRAP is never used here, tests own their Kafka."""
+    broker = LocalKafka(data_dir=tmp_path_factory.mktemp("kafka"))
+    broker.start()
+    print(f"\nKafka {broker.version} ready at {broker.bootstrap} in {broker.startup_seconds:.1f}s")
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def bootstrap(kafka: LocalKafka) -> str:
+    return kafka.bootstrap
+
+
+@pytest.fixture
+def layout() -> TopicLayout:
+    """Fresh topic names for one test."""
+    tag = uuid.uuid4().hex[:8]
+    base = TopicLayout()
+    return replace(
+        base,
+        requests=f"t{tag}.sign.requests",
+        results=f"t{tag}.sign.results",
+        dlq=f"t{tag}.sign.dlq",
+        admin=f"t{tag}.sign.admin",
+        admin_replies=f"t{tag}.sign.admin.replies",
+        request_partitions=4,
+        result_partitions=2,
+    )
+
+
+def layout_env(layout: TopicLayout) -> dict[str, str]:
+    """The environment variables that make a host process use this layout."""
+    return {
+        "SIGNER_TOPIC_REQUESTS": layout.requests,
+        "SIGNER_TOPIC_RESULTS": layout.results,
+        "SIGNER_TOPIC_DLQ": layout.dlq,
+        "SIGNER_TOPIC_ADMIN": layout.admin,
+        "SIGNER_TOPIC_ADMIN_REPLIES": layout.admin_replies,
+        "SIGNER_REQUEST_PARTITIONS": str(layout.request_partitions),
+        "SIGNER_RESULT_PARTITIONS": str(layout.result_partitions),
+        "SIGNER_GROUP_ID": f"g-{layout.requests}",
+    }
+
+
+@pytest.fixture
+def sock_dir(tmp_path: Path) -> Path:
+    # Unix socket paths are limited to ~108 bytes; pytest's tmp paths can be long
+    d = Path("/tmp") / f"sig-{uuid.uuid4().hex[:10]}"
+    d.mkdir()
+    yield d  # type: ignore[misc]
+    for p in d.iterdir():
+        p.unlink()
+    d.rmdir()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PYTHONPATH", str(ROOT))
