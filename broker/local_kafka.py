@@ -187,7 +187,7 @@ class LocalKafka:
             )  # fmt: skip
             if fmt.returncode != 0:
                 raise KafkaUnavailable(f"kafka storage format failed: {fmt.stderr.strip()[-400:]}")
-        out = open(self.data_dir / "logs" / "kafkaServer.out", "ab")  # noqa: SIM115
+        out = open(self.data_dir / "logs" / "kafkaServer.out", "ab")
         try:
             self._proc = subprocess.Popen(
                 [*java, "kafka.Kafka", str(props)],

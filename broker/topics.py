@@ -60,9 +60,7 @@ async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str]) -> Non
     while True:
         described = await admin.describe_topics(names)
         ready = all(
-            t.get("error_code", 0) == 0
-            and t["partitions"]
-            and all(p["leader"] >= 0 for p in t["partitions"])
+            t.get("error_code", 0) == 0 and t["partitions"] and all(p["leader"] >= 0 for p in t["partitions"])
             for t in described
         )
         if ready:

@@ -8,9 +8,9 @@ eth-account's own encoding, byte for byte.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
+from typing import TypeAlias
 
-Item = Union[bytes, int, Sequence["Item"]]
+Item: TypeAlias = "bytes | int | Sequence[Item]"
 
 
 def _length_prefix(n: int, short: int, long: int) -> bytes:

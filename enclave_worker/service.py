@@ -53,9 +53,7 @@ class SigningService:
             except Exception as exc:  # one bad item never takes down the batch or the loop
                 corr_id = item[0] if isinstance(item, list | tuple) and item else None
                 rid = m.get("request_id", "") if isinstance(m, dict) else ""
-                result = SignResult.failure(
-                    str(rid), "", "error", INTERNAL, f"enclave failed: {type(exc).__name__}"
-                )
+                result = SignResult.failure(str(rid), "", "error", INTERNAL, f"enclave failed: {type(exc).__name__}")
             result.enclave_id = self.enclave_id
             result.timings_us["enclave_service"] = (time.perf_counter_ns() - t0) // 1000
             out.append([corr_id, result.to_wire()])
@@ -76,9 +74,7 @@ class SigningService:
             )
         wallet = self.wallets.get(req.key_id)
         if wallet is None:
-            return SignResult.failure(
-                req.request_id, req.key_id, "error", UNKNOWN_KEY, "no such key in this enclave"
-            )
+            return SignResult.failure(req.request_id, req.key_id, "error", UNKNOWN_KEY, "no such key in this enclave")
         if _KEY_SCHEMES[req.scheme] != wallet.scheme:
             return SignResult.failure(
                 req.request_id, req.key_id, "rejected", SCHEME_MISMATCH,

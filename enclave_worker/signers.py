@@ -38,11 +38,11 @@ def sign_personal(key: coincurve.PrivateKey, message: bytes) -> bytes:
     return sig[:64] + bytes((sig[64] + 27,))
 
 
-def _access_list(tx: EthTx) -> list[list[object]]:
+def _access_list(tx: EthTx) -> list[rlp.Item]:
     return [[addr, list(keys)] for addr, keys in tx.access_list]
 
 
-def _unsigned_fields(tx: EthTx) -> list[object]:
+def _unsigned_fields(tx: EthTx) -> list[rlp.Item]:
     if tx.type == 2:
         return [tx.chain_id, tx.nonce, tx.max_priority_fee_per_gas, tx.max_fee_per_gas,
                 tx.gas, tx.to, tx.value, tx.data, _access_list(tx)]  # fmt: skip
@@ -62,9 +62,7 @@ def sign_eth_tx(key: coincurve.PrivateKey, tx: EthTx) -> EthSigned:
     else:
         prefix = bytes((tx.type,))
         sig = sign_digest(key, keccak256(prefix + rlp.encode(fields)))
-        raw = prefix + rlp.encode(
-            [*fields, sig[64], sig[:32].lstrip(b"\0"), sig[32:64].lstrip(b"\0")]
-        )
+        raw = prefix + rlp.encode([*fields, sig[64], sig[:32].lstrip(b"\0"), sig[32:64].lstrip(b"\0")])
     return EthSigned(sig, raw, keccak256(raw))
 
 

@@ -68,9 +68,7 @@ def parse_eth_tx(payload: Any, rid: str | None = None) -> EthTx:
         raise SchemaError(INVALID_PAYLOAD, f"unsupported transaction type {tx_type}", rid)
     unknown = set(payload) - _ALLOWED[tx_type]
     if unknown:
-        raise SchemaError(
-            INVALID_PAYLOAD, f"fields not valid for a type {tx_type} transaction: {sorted(unknown)}", rid
-        )
+        raise SchemaError(INVALID_PAYLOAD, f"fields not valid for a type {tx_type} transaction: {sorted(unknown)}", rid)
 
     def q(name: str, default: int | None = None) -> int:
         if name not in payload:
@@ -85,11 +83,7 @@ def parse_eth_tx(payload: Any, rid: str | None = None) -> EthTx:
         raise SchemaError(INVALID_PAYLOAD, "chainId must be positive", rid)
     to_raw = payload.get("to")
     to = b"" if to_raw in (None, b"", "", "0x") else _address(to_raw, "payload.to", rid)
-    data = (
-        as_hex_or_bytes(payload["data"], "payload.data", rid, max_len=MAX_CALLDATA)
-        if "data" in payload
-        else b""
-    )
+    data = as_hex_or_bytes(payload["data"], "payload.data", rid, max_len=MAX_CALLDATA) if "data" in payload else b""
     sender = _address(payload["from"], "payload.from", rid) if "from" in payload else None
     access_list = _access_list(payload.get("accessList", []), rid)
     if tx_type == 2:
@@ -109,9 +103,7 @@ def _access_list(value: Any, rid: str | None) -> tuple[tuple[bytes, tuple[bytes,
     out = []
     for i, entry in enumerate(value):
         if type(entry) is not dict or set(entry) != {"address", "storageKeys"}:
-            raise SchemaError(
-                INVALID_PAYLOAD, f"accessList[{i}] must be a map of address and storageKeys", rid
-            )
+            raise SchemaError(INVALID_PAYLOAD, f"accessList[{i}] must be a map of address and storageKeys", rid)
         keys = entry["storageKeys"]
         if type(keys) is not list or len(keys) > MAX_STORAGE_KEYS:
             raise SchemaError(INVALID_PAYLOAD, f"accessList[{i}].storageKeys must be a list", rid)

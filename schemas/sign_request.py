@@ -123,9 +123,7 @@ def validate_payload(scheme: str, payload: Any, rid: str | None) -> Any:
     elif scheme == "eth_tx":
         parse_eth_tx(payload, rid)
     elif scheme == "eth_typed_data":
-        if type(payload) is not dict or not {"types", "primaryType", "domain", "message"} <= set(
-            payload
-        ):
+        if type(payload) is not dict or not {"types", "primaryType", "domain", "message"} <= set(payload):
             raise SchemaError(
                 INVALID_PAYLOAD,
                 "eth_typed_data payload must be a map with types, primaryType, domain, message",

@@ -36,9 +36,7 @@ class SignResult:
     v: int = VERSION
 
     @classmethod
-    def failure(
-        cls, request_id: str, key_id: str, status: str, code: str, message: str, **kw: Any
-    ) -> SignResult:
+    def failure(cls, request_id: str, key_id: str, status: str, code: str, message: str, **kw: Any) -> SignResult:
         return cls(request_id, key_id, status, error={"code": code, "message": message}, **kw)
 
     def to_wire(self) -> dict[str, Any]:

@@ -23,15 +23,11 @@ def as_int(value: Any, name: str, rid: str | None = None) -> int:
     return value
 
 
-def as_str(
-    value: Any, name: str, rid: str | None = None, *, min_len: int = 1, max_len: int = 128
-) -> str:
+def as_str(value: Any, name: str, rid: str | None = None, *, min_len: int = 1, max_len: int = 128) -> str:
     if type(value) is not str:
         raise SchemaError(WRONG_TYPE, f"'{name}' must be a string", rid)
     if not min_len <= len(value) <= max_len:
-        raise SchemaError(
-            INVALID_VALUE, f"'{name}' must be {min_len}-{max_len} characters", rid
-        )
+        raise SchemaError(INVALID_VALUE, f"'{name}' must be {min_len}-{max_len} characters", rid)
     return value
 
 
@@ -61,9 +57,7 @@ def as_quantity(value: Any, name: str, rid: str | None = None) -> int:
     return n
 
 
-def as_hex_or_bytes(
-    value: Any, name: str, rid: str | None = None, *, max_len: int, exact: int | None = None
-) -> bytes:
+def as_hex_or_bytes(value: Any, name: str, rid: str | None = None, *, max_len: int, exact: int | None = None) -> bytes:
     """bytes, or a "0x" hex string."""
     if type(value) is bytes:
         out = value

@@ -27,9 +27,9 @@ async def admin_call(
     request_id = f"admin-{uuid.uuid4()}"
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
-    await consumer.start()
-    await producer.start()
     try:
+        await consumer.start()
+        await producer.start()
         async with asyncio.timeout(timeout):
             # position on the reply partition *before* asking, so the reply cannot be missed
             tp = TopicPartition(layout.admin_replies, 0)
@@ -38,9 +38,7 @@ async def admin_call(
             await consumer.position(tp)
             body = {"v": 1, "request_id": request_id, "op": op, "args": args,
                     "reply_topic": layout.admin_replies}  # fmt: skip
-            await producer.send_and_wait(
-                layout.admin, msgpack.packb(body, use_bin_type=True), key=request_id.encode()
-            )
+            await producer.send_and_wait(layout.admin, msgpack.packb(body, use_bin_type=True), key=request_id.encode())
             while True:
                 batch = await consumer.getmany(timeout_ms=500)
                 for records in batch.values():

@@ -56,6 +56,7 @@ class EnclaveChannel:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._closed_reason: str | None = "not connected"
+        self._closing = False
 
     @property
     def connected(self) -> bool:
@@ -76,6 +77,7 @@ class EnclaveChannel:
         self.credits = CreditWindow(int(hello.get("credits", 0)))
         self._writer = writer
         self._closed_reason = None
+        self._closing = False
         self._reader_task = asyncio.create_task(self._read_loop(reader), name=f"channel-read {self.url}")
         log.info("channel_connected", url=self.url, enclave_id=self.enclave_id,
                  credits=self.credits.available)  # fmt: skip
@@ -104,6 +106,7 @@ class EnclaveChannel:
 
     async def close(self) -> None:
         self._fail_pending("channel closed by host")
+        self._closing = True
         if self._writer is not None:
             self._writer.close()
             with contextlib.suppress(Exception):
@@ -159,7 +162,8 @@ class EnclaveChannel:
             reason = f"bad frame from enclave: {exc}"
         except (ValueError, TypeError) as exc:
             reason = f"malformed results frame: {type(exc).__name__}"
-        log.warning("channel_lost", url=self.url, reason=reason)
+        if not self._closing:
+            log.warning("channel_lost", url=self.url, reason=reason)
         self._fail_pending(reason)
         if self._writer is not None:
             self._writer.close()

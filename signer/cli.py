@@ -41,10 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # one clear line for the operator, not a traceback
+        from aiokafka.errors import KafkaError
+
         from broker.local_kafka import KafkaUnavailable
+
         from .admin_client import AdminError
         from .config import ConfigError
 
+        if isinstance(exc, KafkaError):
+            print(f"signer: Kafka error: {exc!r} (is KAFKA_BOOTSTRAP right and the broker up?)", file=sys.stderr)
+            return 2
         if isinstance(exc, KafkaUnavailable | AdminError | ConfigError | ValueError):
             print(f"signer: {exc}", file=sys.stderr)
             return 2

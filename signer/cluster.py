@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import structlog
+from aiohttp import web
 
 from broker.local_kafka import LocalKafka
 from broker.topics import ensure_topics
@@ -82,7 +83,7 @@ class LocalCluster:
         self._http_port_req = http_port
         self._partitions = partitions
         self._run: asyncio.Task[None] | None = None
-        self._http = None
+        self._http: web.AppRunner | None = None
 
     @property
     def bootstrap(self) -> str:

@@ -51,9 +51,7 @@ class HostWorker:
         await self._connect_channel()
         self.producer = result_producer(cfg.bootstrap)
         await self.producer.start()
-        self.consumer = request_consumer(
-            cfg.bootstrap, cfg.layout.requests, cfg.layout.admin, group_id=cfg.group_id
-        )
+        self.consumer = request_consumer(cfg.bootstrap, cfg.layout.requests, cfg.layout.admin, group_id=cfg.group_id)
         await self.consumer.start()
         self.kafka_ready = True
 
@@ -62,9 +60,7 @@ class HostWorker:
         assert self.consumer is not None
         try:
             while not self._stopping.is_set():
-                batch = await self.consumer.getmany(
-                    timeout_ms=200, max_records=self.config.max_batch
-                )
+                batch = await self.consumer.getmany(timeout_ms=200, max_records=self.config.max_batch)
                 if batch:
                     await self._process(batch)
         finally:
@@ -111,15 +107,15 @@ class HostWorker:
                     acks.append(await self._admin(rec))
                     continue
                 try:
-                    req = decode_sign_request(rec.value)  # type: ignore[arg-type]
+                    req = decode_sign_request(rec.value)
                 except SchemaError as exc:
                     acks.append(await self._to_dlq(rec, exc))
                     continue
                 self.metrics.stage.labels("kafka_wait").observe(max(0, now_ms - rec.timestamp) / 1000)
                 if req.deadline_ms is not None and req.deadline_ms <= now_ms:
-                    res = SignResult.failure(req.request_id, req.key_id, "expired", DEADLINE_PASSED,
+                    expired = SignResult.failure(req.request_id, req.key_id, "expired", DEADLINE_PASSED,
                                              "deadline passed before the request reached an enclave")  # fmt: skip
-                    acks.append(await self._publish(req, res.to_wire()))
+                    acks.append(await self._publish(req, expired.to_wire()))
                     continue
                 to_sign.append((req, max(0, now_ms - rec.timestamp)))
         if to_sign:
@@ -130,9 +126,7 @@ class HostWorker:
         await asyncio.gather(*acks)  # every result durably written (acks=all) ...
         self.metrics.stage.labels("result_publish").observe(time.perf_counter() - t0)
         # ... before the offsets that produced them are committed
-        await self.consumer.commit(
-            {tp: OffsetAndMetadata(records[-1].offset + 1, "") for tp, records in batch.items()}
-        )
+        await self.consumer.commit({tp: OffsetAndMetadata(records[-1].offset + 1, "") for tp, records in batch.items()})
         self.metrics.in_flight.set(0)
 
     async def _sign(self, reqs: list[SignRequest]) -> list[dict[str, Any]]:
@@ -161,9 +155,7 @@ class HostWorker:
         assert self.producer is not None
         self.metrics.requests.labels(req.scheme, result.get("status", "error")).inc()
         topic = req.reply_topic or self.config.layout.results
-        return await self.producer.send(
-            topic, msgpack.packb(result, use_bin_type=True), key=req.request_id.encode()
-        )
+        return await self.producer.send(topic, msgpack.packb(result, use_bin_type=True), key=req.request_id.encode())
 
     async def _to_dlq(self, rec: ConsumerRecord[bytes, bytes], exc: SchemaError) -> asyncio.Future[Any]:
         assert self.producer is not None
@@ -177,7 +169,7 @@ class HostWorker:
     async def _admin(self, rec: ConsumerRecord[bytes, bytes]) -> asyncio.Future[Any]:
         assert self.producer is not None
         try:
-            req = decode_admin_request(rec.value)  # type: ignore[arg-type]
+            req = decode_admin_request(rec.value)
         except SchemaError as exc:
             return await self._to_dlq(rec, exc)
         try:
@@ -190,6 +182,4 @@ class HostWorker:
                     "error": {"code": "enclave_unavailable", "message": str(exc)}}  # fmt: skip
         log.info("admin_op", op=req["op"], request_id=req["request_id"], ok=body["ok"])
         topic = req["reply_topic"] or self.config.layout.admin_replies
-        return await self.producer.send(
-            topic, msgpack.packb(body, use_bin_type=True), key=req["request_id"].encode()
-        )
+        return await self.producer.send(topic, msgpack.packb(body, use_bin_type=True), key=req["request_id"].encode())

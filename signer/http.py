@@ -38,6 +38,7 @@ async def serve_http(host: HostWorker, bind: str, port: int) -> tuple[web.AppRun
     await runner.setup()
     site = web.TCPSite(runner, bind, port)
     await site.start()
-    server = site._server
-    bound = server.sockets[0].getsockname()[1] if server and server.sockets else port  # type: ignore[union-attr]
+    # with port 0 the OS picks one: read it back from the listening socket
+    sockets = getattr(site._server, "sockets", None) or []
+    bound = sockets[0].getsockname()[1] if sockets else port
     return runner, int(bound)

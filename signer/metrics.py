@@ -28,6 +28,4 @@ class HostMetrics:
         )  # fmt: skip
         self.in_flight = Gauge("signer_in_flight", "Requests consumed and not yet committed", registry=r)
         self.reconnects = Counter("signer_channel_reconnects", "Channel reconnects", registry=r)
-        self.enclaves_connected = Gauge(
-            "signer_enclaves_connected", "Enclave channels currently connected", registry=r
-        )
+        self.enclaves_connected = Gauge("signer_enclaves_connected", "Enclave channels currently connected", registry=r)

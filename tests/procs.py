@@ -20,7 +20,7 @@ class Proc:
     def __init__(self, args: list[str], env: Mapping[str, str] | None = None, log: Path | None = None):
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log = log
-        self._stderr = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+        self._stderr = open(log, "ab") if log else subprocess.DEVNULL
         self.popen = subprocess.Popen(
             [sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=self._stderr,
             stdin=subprocess.DEVNULL, env=full_env, cwd=ROOT,

@@ -11,12 +11,12 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgpack
 import pytest
 import rlp
@@ -90,7 +90,9 @@ async def _produce(bootstrap: str, topic: str, values: list[tuple[bytes | None, 
         await producer.stop()
 
 
-async def _collect(bootstrap: str, topics: list[str], want: set[str], field: str, timeout: float = 90) -> dict[str, list[dict[str, Any]]]:
+async def _collect(
+    bootstrap: str, topics: list[str], want: set[str], field: str, timeout: float = 90
+) -> dict[str, list[dict[str, Any]]]:
     """Consume until every wanted id was seen; return all records by id (duplicates included)."""
     import asyncio
 
@@ -144,11 +146,29 @@ async def test_requests_from_a_plain_msgpack_producer_are_signed_and_verified(cl
         kind = i % 6
         rid = f"e2e-{i}"
         if kind == 0:
-            m = {"v": 1, "request_id": rid, "key_id": key["key_id"], "scheme": "secp256k1_digest", "payload": os.urandom(32)}
+            m = {
+                "v": 1,
+                "request_id": rid,
+                "key_id": key["key_id"],
+                "scheme": "secp256k1_digest",
+                "payload": os.urandom(32),
+            }
         elif kind in (1, 2, 3):
-            m = {"v": 1, "request_id": rid, "key_id": key["key_id"], "scheme": "eth_tx", "payload": _eth_tx(i, kind - 1)}
+            m = {
+                "v": 1,
+                "request_id": rid,
+                "key_id": key["key_id"],
+                "scheme": "eth_tx",
+                "payload": _eth_tx(i, kind - 1),
+            }
         elif kind == 4:
-            m = {"v": 1, "request_id": rid, "key_id": key["key_id"], "scheme": "eth_personal", "payload": f"msg {i}".encode()}
+            m = {
+                "v": 1,
+                "request_id": rid,
+                "key_id": key["key_id"],
+                "scheme": "eth_personal",
+                "payload": f"msg {i}".encode(),
+            }
         else:
             m = {"v": 1, "request_id": rid, "key_id": ed["key_id"], "scheme": "ed25519", "payload": os.urandom(50)}
         if i % 40 == 7:
@@ -160,7 +180,10 @@ async def test_requests_from_a_plain_msgpack_producer_are_signed_and_verified(cl
         "e2e-unknown-key": {"v": 1, "request_id": "e2e-unknown-key", "key_id": "k_missing", "scheme": "eth_personal",
                             "payload": b"x"},
     }  # fmt: skip
-    garbage = [b"\xc1not msgpack", msgpack.packb({"v": 1, "request_id": "e2e-bad-scheme", "key_id": "k", "scheme": "rsa", "payload": b""})]
+    garbage = [
+        b"\xc1not msgpack",
+        msgpack.packb({"v": 1, "request_id": "e2e-bad-scheme", "key_id": "k", "scheme": "rsa", "payload": b""}),
+    ]
     values = [(m["key_id"].encode(), msgpack.packb(m)) for m in [*requests.values(), *refused.values()]]
     values += [(b"junk", g) for g in garbage]
     await _produce(c.bootstrap, c.layout.requests, values)
@@ -178,7 +201,11 @@ async def test_requests_from_a_plain_msgpack_producer_are_signed_and_verified(cl
         assert res["_key"] == rid.encode()
         assert res["status"] == "ok", res
         assert res["enclave_id"] == "enclave-e2e"
-        addr = next(k for k in (eth_a, eth_b) if k["key_id"] == m["key_id"])["address"] if m["scheme"] != "ed25519" else None
+        addr = (
+            next(k for k in (eth_a, eth_b) if k["key_id"] == m["key_id"])["address"]
+            if m["scheme"] != "ed25519"
+            else None
+        )
         sig = res["signature"]
         if m["scheme"] == "secp256k1_digest":
             assert sig[64] in (0, 1)
@@ -196,7 +223,7 @@ async def test_requests_from_a_plain_msgpack_producer_are_signed_and_verified(cl
             assert res["tx_hash"] == keccak(raw)
             if tx["type"] == 0:
                 fields = rlp.decode(raw)
-                nonce, gas_price, gas, to, value, data = fields[:6]
+                nonce, _gas_price, gas, to, value, data = fields[:6]
                 v = int.from_bytes(fields[6], "big")
                 assert v in (tx["chainId"] * 2 + 35, tx["chainId"] * 2 + 36)
             else:
@@ -227,9 +254,13 @@ async def test_requests_from_a_plain_msgpack_producer_are_signed_and_verified(cl
 
     # metrics and health endpoints of the running host
     base = f"http://127.0.0.1:{c.http_port}"
-    assert json.load(urllib.request.urlopen(f"{base}/healthz"))["status"] == "alive"
-    assert json.load(urllib.request.urlopen(f"{base}/readyz"))["ready"] is True
-    metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/healthz") as r:
+            assert (await r.json())["status"] == "alive"
+        async with http.get(f"{base}/readyz") as r:
+            assert r.status == 200 and (await r.json())["ready"] is True
+        async with http.get(f"{base}/metrics") as r:
+            metrics = await r.text()
     assert 'signer_requests_total{scheme="eth_tx",status="ok"} 120.0' in metrics
     assert 'signer_dlq_records_total{reason="malformed"} 1.0' in metrics
 

@@ -108,5 +108,3 @@ def test_stop_ends_the_broker_process(tmp_path: os.PathLike[str]) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert broker.port is not None and not api_versions_ok(broker.host, broker.port)
-
-

@@ -1,0 +1,90 @@
+"""python -m bench [-n N]: a first, rough end-to-end figure and the raw signing ceiling, in one run.
+
+The full harness (open/closed loop, HDR latencies, sweeps, the reference design) is
+issue #8; this measures the first slice: N secp256k1_digest requests produced to Kafka
+at once, time until the last result is consumed, versus coincurve's raw sign rate on
+one core. The ratio is what matters on a shared, noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+
+import coincurve
+import msgpack
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from schemas.logs import configure_logging
+from signer.admin_client import admin_call
+from signer.cluster import LocalCluster
+
+
+def raw_sign_rate(seconds: float = 1.0) -> float:
+    key = coincurve.PrivateKey()
+    digests = [os.urandom(32) for _ in range(1000)]
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for d in digests:
+            key.sign_recoverable(d, hasher=None)
+        n += len(digests)
+    return n / (time.perf_counter() - t0)
+
+
+async def end_to_end(n: int) -> dict[str, float]:
+    async with LocalCluster(http_port=0) as cluster:
+        bootstrap, layout = cluster.bootstrap, cluster.config.layout  # type: ignore[union-attr]
+        key = await admin_call(bootstrap, "keys.create", {"scheme": "secp256k1"})
+        payloads = [
+            msgpack.packb(
+                {
+                    "v": 1,
+                    "request_id": f"b-{i}",
+                    "key_id": key["key_id"],
+                    "scheme": "secp256k1_digest",
+                    "payload": os.urandom(32),
+                }
+            )
+            for i in range(n)
+        ]
+        consumer = AIOKafkaConsumer(layout.results, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+        await consumer.start()
+        await producer.start()
+        try:
+            t0 = time.perf_counter()
+            for i, p in enumerate(payloads):
+                # spread over partitions as distinct wallets would
+                await producer.send(layout.requests, p, key=str(i % 64).encode())
+            await producer.flush()
+            t_produced = time.perf_counter() - t0
+            seen: set[str] = set()
+            async with asyncio.timeout(300):
+                while len(seen) < n:
+                    for recs in (await consumer.getmany(timeout_ms=500)).values():
+                        for rec in recs:
+                            seen.add(msgpack.unpackb(rec.value)["request_id"])
+            elapsed = time.perf_counter() - t0
+        finally:
+            await producer.stop()
+            await consumer.stop()
+    return {"requests": n, "seconds": elapsed, "produce_seconds": t_produced, "per_second": n / elapsed}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench")
+    ap.add_argument("-n", type=int, default=20000)
+    args = ap.parse_args()
+    configure_logging("bench", os.environ.get("SIGNER_LOG_LEVEL", "WARNING"))
+    raw = raw_sign_rate()
+    e2e = asyncio.run(end_to_end(args.n))
+    report = {"raw_sign_per_second_one_core": round(raw), **{k: round(v, 3) for k, v in e2e.items()}}
+    report["efficiency_vs_one_core"] = round(e2e["per_second"] / raw, 3)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The README's commands: the main job (`signer demo`), `signer up` + `signer keys create`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from broker.local_kafka import api_versions_ok
+from tests.conftest import ROOT
+from tests.procs import Proc
+
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "SIGNER_"))}
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "signer", *args],
+        env={**CLEAN_ENV, "PYTHONPATH": str(ROOT), "SIGNER_HTTP_PORT": "0", **(env or {})},
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False,
+    )  # fmt: skip
+
+
+def test_main_job_signs_verifies_and_exits_zero() -> None:
+    out = run_cli("demo", "-n", "80")
+    assert out.returncode == 0, out.stdout + out.stderr
+    for scheme in ("secp256k1_digest", "eth_tx", "eth_personal", "ed25519"):
+        assert f"{scheme:18} verified   20  failed 0" in out.stdout, out.stdout
+    assert "/metrics" in out.stdout
+
+
+def test_up_serves_outside_producers_and_keys_create_reaches_it(tmp_path: Path) -> None:
+    up = Proc(["signer", "up"], env={**CLEAN_ENV, "SIGNER_HTTP_PORT": "0"}, log=tmp_path / "up.log")
+    try:
+        line = up.wait_for_line("KAFKA_BOOTSTRAP=", timeout=180)
+        bootstrap = line.split("=", 1)[1].strip()
+        host, port = bootstrap.rsplit(":", 1)
+        assert api_versions_ok(host, int(port))
+        out = run_cli("keys", "create", "--scheme", "secp256k1", env={"KAFKA_BOOTSTRAP": bootstrap})
+        assert out.returncode == 0, out.stderr
+        key = json.loads(out.stdout)
+        assert key["address"].startswith("0x") and len(bytes.fromhex(key["public_key"])) == 65
+        listed = json.loads(run_cli("keys", "list", env={"KAFKA_BOOTSTRAP": bootstrap}).stdout)
+        assert [k["key_id"] for k in listed["keys"]] == [key["key_id"]]
+    finally:
+        code = up.stop(signal.SIGINT, timeout=60)
+    assert code == 0
+    assert "stopped" in up.output
+    assert not api_versions_ok(host, int(port))  # the Kafka it started is gone too
+
+
+def test_keys_create_without_a_cluster_says_what_to_do() -> None:
+    out = run_cli("keys", "create", timeout=30)
+    assert out.returncode == 2
+    assert "KAFKA_BOOTSTRAP is not set" in out.stderr and "signer up" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_configuration_is_one_line_naming_the_variable() -> None:
+    out = run_cli("host", env={"KAFKA_BOOTSTRAP": "127.0.0.1:1", "SIGNER_MAX_BATCH": "lots"}, timeout=30)
+    assert out.returncode == 2
+    assert "SIGNER_MAX_BATCH='lots' is not an integer" in out.stderr and "Traceback" not in out.stderr
