@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -20,7 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--listen", default=os.environ.get("ENCLAVE_LISTEN", "vsock://4294967295:5000"),
                     help="vsock://CID:PORT, unix:///path or tcp://host:port")  # fmt: skip
     ap.add_argument("--enclave-id", default=os.environ.get("ENCLAVE_ID", socket.gethostname()))
-    ap.add_argument("--credits", type=int, default=int(os.environ.get("ENCLAVE_CREDITS", "4096")))
+    ap.add_argument("--credits", type=int, default=int(os.environ.get("ENCLAVE_CREDITS", "4096")),
+                    help="requests the host may have in flight per connection")  # fmt: skip
+    ap.add_argument("--handler", choices=["sign", "noop"], default=os.environ.get("ENCLAVE_HANDLER", "sign"),
+                    help="noop: answer without signing (channel benchmarks and tests only)")  # fmt: skip
     args = ap.parse_args(argv)
     try:
         parse_channel_url(args.listen)
@@ -28,12 +32,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"enclave_worker: {exc}", file=sys.stderr)
         return 2
     configure_logging("enclave_worker")
-    asyncio.run(_run(args.listen, args.enclave_id, args.credits))
+    if args.credits < 1:
+        print("enclave_worker: --credits must be at least 1", file=sys.stderr)
+        return 2
+    asyncio.run(_run(args.listen, args.enclave_id, args.credits, args.handler))
     return 0
 
 
-async def _run(url: str, enclave_id: str, credits: int) -> None:
-    server = EnclaveServer(url, enclave_id, credits)
+async def _run(url: str, enclave_id: str, credits: int, handler: str) -> None:
+    server = EnclaveServer(url, enclave_id, credits, handler)
     await server.start()
     # readiness signal for the process that started us: one line on stdout
     print(f"READY {url}", flush=True)
@@ -44,6 +51,8 @@ async def _run(url: str, enclave_id: str, credits: int) -> None:
     serve = asyncio.create_task(server.serve_forever())
     await stop.wait()
     serve.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await serve
     await server.close()
 
 

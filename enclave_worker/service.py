@@ -12,7 +12,7 @@ from typing import Any
 
 from schemas.errors import SchemaError
 from schemas.eth_tx import parse_eth_tx
-from schemas.sign_request import SignRequest, sign_request_from_map
+from schemas.sign_request import SignRequest, decode_sign_request
 from schemas.sign_result import (
     DEADLINE_PASSED,
     INTERNAL,
@@ -41,33 +41,26 @@ class SigningService:
         self.wallets = wallets
 
     def sign_batch(self, items: list[Any]) -> list[list[Any]]:
-        """items: [[corr_id, SignRequest map], ...] -> [[corr_id, SignResult map], ...]."""
+        """items: [[corr_id, SignRequest bytes], ...] -> [[corr_id, SignResult map], ...]."""
         out: list[list[Any]] = []
         now_ms = int(time.time() * 1000)
         for item in items:
             t0 = time.perf_counter_ns()
-            m: Any = None
+            corr_id, raw = item
             try:
-                corr_id, m = item
-                result = self._sign_one(m, now_ms)
+                result = self._sign_one(raw, now_ms)
             except Exception as exc:  # one bad item never takes down the batch or the loop
-                corr_id = item[0] if isinstance(item, list | tuple) and item else None
-                rid = m.get("request_id", "") if isinstance(m, dict) else ""
-                result = SignResult.failure(str(rid), "", "error", INTERNAL, f"enclave failed: {type(exc).__name__}")
+                result = SignResult.failure("", "", "error", INTERNAL, f"enclave failed: {type(exc).__name__}")
             result.enclave_id = self.enclave_id
             result.timings_us["enclave_service"] = (time.perf_counter_ns() - t0) // 1000
             out.append([corr_id, result.to_wire()])
         return out
 
-    def _sign_one(self, m: Any, now_ms: int) -> SignResult:
-        if type(m) is not dict:
-            return SignResult.failure("", "", "error", "invalid_request", "request is not a map")
+    def _sign_one(self, raw: Any, now_ms: int) -> SignResult:
         try:
-            req = sign_request_from_map(m)
+            req = decode_sign_request(raw)
         except SchemaError as exc:
-            return SignResult.failure(
-                exc.request_id or "", str(m.get("key_id", ""))[:128], "error", exc.code, exc.message
-            )
+            return SignResult.failure(exc.request_id or "", "", "error", exc.code, exc.message)
         if req.deadline_ms is not None and req.deadline_ms <= now_ms:
             return SignResult.failure(
                 req.request_id, req.key_id, "expired", DEADLINE_PASSED, "deadline passed before signing"

@@ -2,7 +2,19 @@
 
 Layout: a 4-byte big-endian body length, then a msgpack map with ``t`` (frame
 type). Frames carry *batches* (``items``) because per-request framing is what
-makes small-message vsock slow.
+makes small-message vsock slow (~140-180k msgs/s per stream at 64 B versus
+~10 Gbit/s at 16-64 KiB writes).
+
+Frame types:
+
+- ``hello``  enclave -> host, first frame: ``proto``, ``enclave_id``, ``credits``
+- ``sign``   host -> enclave: ``items`` = [[corr_id, SignRequest bytes], ...]
+  (the request exactly as the producer encoded it; the enclave decodes it again)
+- ``results`` enclave -> host: ``items`` = [[corr_id, SignResult map], ...],
+  ``credits`` = credits returned with this batch
+- ``key_op`` / ``key_op_result``: key management, correlated by ``id``
+- ``ping`` / ``pong``: heartbeats, ``id`` echoed
+- ``error``: either way, a reason before closing: ``code``, ``message``
 """
 
 from __future__ import annotations
@@ -15,17 +27,20 @@ import msgpack
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 16 * 1024 * 1024
-# vsock writes of 32 KiB or more have hit a kernel bug: hand the transport smaller pieces
+# vsock writes of 32 KiB or more have hit a kernel bug: hand the socket smaller pieces
 WRITE_CHUNK_BYTES = 16 * 1024
 
-HELLO = "hello"  # enclave -> host: proto, enclave_id, credits
-SIGN = "sign"  # host -> enclave: items = [[corr_id, SignRequest map], ...]
-RESULTS = "results"  # enclave -> host: items = [[corr_id, SignResult map], ...], credits
-KEY_OP = "key_op"  # host -> enclave: id, op, args
-KEY_OP_RESULT = "key_op_result"  # enclave -> host: id, ok, result | error
-ERROR = "error"  # either way, before closing: code, message
+HELLO = "hello"
+SIGN = "sign"
+RESULTS = "results"
+KEY_OP = "key_op"
+KEY_OP_RESULT = "key_op_result"
+PING = "ping"
+PONG = "pong"
+ERROR = "error"
 
 _LEN = struct.Struct(">I")
+HEADER_BYTES = _LEN.size
 
 
 class FrameError(Exception):
@@ -36,10 +51,10 @@ class FrameError(Exception):
         self.code = code
 
 
-def encode_frame(body: dict[str, Any]) -> bytes:
+def encode_frame(body: dict[str, Any], max_bytes: int = MAX_FRAME_BYTES) -> bytes:
     data = msgpack.packb(body, use_bin_type=True)
-    if len(data) > MAX_FRAME_BYTES:
-        raise FrameError("frame_too_large", f"{len(data)} bytes > {MAX_FRAME_BYTES}")
+    if len(data) > max_bytes:
+        raise FrameError("frame_too_large", f"{len(data)} bytes > {max_bytes}")
     return _LEN.pack(len(data)) + data
 
 
@@ -55,15 +70,29 @@ def decode_body(data: bytes) -> dict[str, Any]:
 
 async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any]:
     """Read one frame; raise FrameError on a bad frame, IncompleteReadError on EOF."""
-    head = await reader.readexactly(_LEN.size)
+    head = await reader.readexactly(HEADER_BYTES)
     (size,) = _LEN.unpack(head)
     if size > max_bytes:
         raise FrameError("frame_too_large", f"announced {size} bytes > {max_bytes}")
     return decode_body(await reader.readexactly(size))
 
 
-def write_frame(writer: asyncio.StreamWriter, body: dict[str, Any]) -> None:
-    data = encode_frame(body)
+def limit_write_buffer(writer: asyncio.StreamWriter) -> None:
+    """Keep the transport's buffer below one chunk so no single send() reaches 32 KiB."""
+    writer.transport.set_write_buffer_limits(high=WRITE_CHUNK_BYTES, low=WRITE_CHUNK_BYTES // 4)
+
+
+async def write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """Write an encoded frame in pieces below WRITE_CHUNK_BYTES, draining between pieces.
+
+    With limit_write_buffer() applied, the transport never holds more than
+    about 1.25 chunks, so every send() it makes stays below 32 KiB.
+    """
+    if len(data) <= WRITE_CHUNK_BYTES:
+        writer.write(data)
+        await writer.drain()
+        return
     view = memoryview(data)
     for i in range(0, len(data), WRITE_CHUNK_BYTES):
         writer.write(view[i : i + WRITE_CHUNK_BYTES])
+        await writer.drain()

@@ -1,8 +1,16 @@
-"""A persistent channel to one enclave: HELLO, batched frames, multiplexed by correlation id.
+"""One persistent, multiplexed connection to an enclave worker.
 
-The channel is the seam between "what" (batches of requests) and "how bytes
-move" (vsock, unix or tcp, chosen by URL in schemas.transport): the host
-worker never knows which transport it talks to.
+The connection is the seam between "what" (batches of requests) and "how bytes
+move" (vsock, unix or tcp, chosen by URL in schemas.transport): nothing above
+it knows which transport it talks to.
+
+- Requests are queued and coalesced into ``sign`` frames bounded by count,
+  bytes and a small time window, never beyond the enclave's credits.
+- Results come back in batches and resolve the callers' futures by correlation id.
+- Heartbeats: a ping every interval; no frame at all from the enclave for
+  ``dead_after_s`` means hung or dead, and the connection is dropped.
+- On loss, every request queued or in flight is handed back (``on_lost``) so
+  the pool can re-dispatch it: callers see exactly one result per request.
 """
 
 from __future__ import annotations
@@ -10,168 +18,301 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from schemas import frames
-from schemas.transport import open_channel
+from schemas.transport import open_channel, parse_channel_url
+
+from .link import DelayLine
+from .metrics import HostMetrics
 
 log = structlog.get_logger("channel")
 
 
 class ChannelClosed(ConnectionError):
-    """The connection to the enclave is gone; requests on it were not answered."""
+    """The connection to the enclave is gone; the operation was not answered on it."""
 
 
-class CreditWindow:
-    """Requests the enclave allows in flight on this channel; the host never exceeds them."""
-
-    def __init__(self, credits: int) -> None:
-        self.available = credits
-        self._changed = asyncio.Condition()
-
-    async def acquire(self, n: int) -> int:
-        """Take up to n credits (at least one), waiting while none are available."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.available > 0)
-            taken = min(n, self.available)
-            self.available -= taken
-            return taken
-
-    async def release(self, n: int) -> None:
-        async with self._changed:
-            self.available += n
-            self._changed.notify_all()
+class _Lost(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
-class EnclaveChannel:
-    def __init__(self, url: str, hello_timeout: float = 10.0) -> None:
+@dataclass(slots=True)
+class Pending:
+    """One request on its way to an enclave, with the caller's future (resolved exactly once)."""
+
+    key_id: str
+    raw: bytes  # the SignRequest exactly as the producer encoded it
+    future: asyncio.Future[dict[str, Any]]
+    sent_at: float = 0.0
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    max_batch: int = 512  # requests per frame
+    max_batch_bytes: int = 1024 * 1024  # request bytes per frame
+    batch_window_s: float = 0.0005  # wait this long for more requests when a frame is not full
+    heartbeat_interval_s: float = 1.0
+    dead_after_s: float = 5.0  # no frame at all from the enclave this long: hung or dead
+    hello_timeout_s: float = 5.0
+    max_frame_bytes: int = frames.MAX_FRAME_BYTES
+
+
+@dataclass
+class _Stats:
+    frames_out: int = 0
+    requests_out: int = 0
+    connects: int = 0
+
+
+class EnclaveConnection:
+    def __init__(
+        self,
+        url: str,
+        settings: ChannelSettings,
+        on_lost: Callable[[EnclaveConnection, list[Pending]], None],
+        metrics: HostMetrics | None = None,
+        name: str = "",
+    ) -> None:
         self.url = url
-        self.hello_timeout = hello_timeout
+        self.address = parse_channel_url(url)
+        self.settings = settings
+        self.name = name or url
         self.enclave_id = ""
-        self.credits = CreditWindow(0)
+        self.credits = 0
+        self.metrics = metrics or HostMetrics()
+        self.stats = _Stats()
+        self.queue: deque[Pending] = deque()
+        self.inflight: dict[int, Pending] = {}
+        self._on_lost = on_lost
+        self._key_ops: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._work = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
-        self._closed_reason: str | None = "not connected"
-        self._closing = False
+        self._last_rx = 0.0
+        self.connected = False
+        self.closed_reason = "not connected"
+        self._labels = {"channel": self.name}
 
-    @property
-    def connected(self) -> bool:
-        return self._closed_reason is None
+    # -- lifecycle ---------------------------------------------------------------------
 
     async def connect(self) -> None:
+        """Open the transport and read HELLO; raises on failure (the pool retries)."""
         reader, writer = await open_channel(self.url)
         try:
-            async with asyncio.timeout(self.hello_timeout):
-                hello = await frames.read_frame(reader)
+            async with asyncio.timeout(self.settings.hello_timeout_s):
+                hello = await frames.read_frame(reader, self.settings.max_frame_bytes)
+            if hello.get("t") != frames.HELLO or hello.get("proto") != frames.PROTOCOL_VERSION:
+                raise ChannelClosed(f"{self.url}: bad HELLO (type {hello.get('t')!r}, protocol {hello.get('proto')!r})")
+            credits = hello.get("credits")
+            if type(credits) is not int or credits < 0:
+                raise ChannelClosed(f"{self.url}: HELLO without a credit grant")
         except BaseException:
             writer.close()
             raise
-        if hello.get("t") != frames.HELLO or hello.get("proto") != frames.PROTOCOL_VERSION:
-            writer.close()
-            raise ChannelClosed(f"{self.url}: bad HELLO (protocol {hello.get('proto')!r})")
+        frames.limit_write_buffer(writer)
+        self._reader, self._writer = reader, writer
         self.enclave_id = str(hello.get("enclave_id", ""))
-        self.credits = CreditWindow(int(hello.get("credits", 0)))
-        self._writer = writer
-        self._closed_reason = None
-        self._closing = False
-        self._reader_task = asyncio.create_task(self._read_loop(reader), name=f"channel-read {self.url}")
-        log.info("channel_connected", url=self.url, enclave_id=self.enclave_id,
-                 credits=self.credits.available)  # fmt: skip
+        self.credits = credits
+        self._last_rx = asyncio.get_running_loop().time()
+        self.connected = True
+        self.closed_reason = ""
+        self.stats.connects += 1
+        self.metrics.credits.labels(**self._labels).set(credits)
+        log.info("channel_connected", channel=self.name, enclave_id=self.enclave_id, credits=credits)
 
-    async def sign(self, requests: list[dict[str, Any]], max_batch: int) -> list[dict[str, Any]]:
-        """Sign a batch; returns one result map per request, in order. Raises ChannelClosed."""
-        futures: list[asyncio.Future[dict[str, Any]]] = []
-        i = 0
-        while i < len(requests):
-            n = await self.credits.acquire(min(max_batch, len(requests) - i))
-            items = []
-            for req in requests[i : i + n]:
-                corr_id = next(self._ids)
-                fut = self._expect(corr_id)
-                futures.append(fut)
-                items.append([corr_id, req])
-            await self._send({"t": frames.SIGN, "items": items})
-            i += n
-        return list(await asyncio.gather(*futures))
+    async def serve(self) -> str:
+        """Run the connection until it is lost; hand back unanswered requests; return the reason."""
+        assert self._reader is not None and self._writer is not None
+        shaping = self.address.shaping
+        inbound: DelayLine[dict[str, Any]] | None = DelayLine(shaping, self._handle) if shaping.active else None
+        outbound: DelayLine[bytes] | None = DelayLine(shaping, self._write) if shaping.active else None
+        reason = "closed"
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._send_loop(outbound))
+                tg.create_task(self._read_loop(self._reader, inbound))
+                tg.create_task(self._ping_loop())
+                tg.create_task(self._watchdog())
+                if inbound is not None and outbound is not None:
+                    tg.create_task(inbound.run())
+                    tg.create_task(outbound.run())
+        except* _Lost as group:
+            reason = str(group.exceptions[0])
+        except* (ConnectionError, OSError) as group:
+            reason = f"transport error: {group.exceptions[0]!r}"
+        except* frames.FrameError as group:
+            reason = f"bad frame from enclave: {group.exceptions[0]}"
+        finally:
+            self._drop(reason)
+        return reason
 
-    async def key_op(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        corr_id = next(self._ids)
-        fut = self._expect(corr_id)
-        await self._send({"t": frames.KEY_OP, "id": corr_id, "op": op, "args": args})
-        return await fut
+    def _drop(self, reason: str) -> None:
+        if not self.connected and self.closed_reason:
+            return
+        self.connected = False
+        self.closed_reason = reason
+        self.credits = 0
+        self.metrics.credits.labels(**self._labels).set(0)
+        if self._writer is not None:
+            self._writer.close()
+        for fut in self._key_ops.values():
+            if not fut.done():
+                fut.set_exception(ChannelClosed(f"{self.url}: {reason}"))
+        self._key_ops.clear()
+        unanswered = list(self.inflight.values()) + list(self.queue)
+        self.inflight.clear()
+        self.queue.clear()
+        log.warning("channel_lost", channel=self.name, reason=reason, unanswered=len(unanswered))
+        self._on_lost(self, unanswered)
 
     async def close(self) -> None:
-        self._fail_pending("channel closed by host")
-        self._closing = True
         if self._writer is not None:
             self._writer.close()
             with contextlib.suppress(Exception):
                 await self._writer.wait_closed()
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader_task
 
-    def _expect(self, corr_id: int) -> asyncio.Future[dict[str, Any]]:
-        if self._closed_reason is not None:
-            raise ChannelClosed(f"{self.url}: {self._closed_reason}")
+    # -- work in ------------------------------------------------------------------------
+
+    @property
+    def load(self) -> int:
+        """Requests queued or in flight on this connection."""
+        return len(self.queue) + len(self.inflight)
+
+    def enqueue(self, pending: Pending) -> None:
+        self.queue.append(pending)
+        if self.credits > 0:
+            self._work.set()
+
+    async def key_op(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        if not self.connected:
+            raise ChannelClosed(f"{self.url}: {self.closed_reason}")
+        op_id = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[corr_id] = fut
-        return fut
+        self._key_ops[op_id] = fut
+        await self._write(frames.encode_frame({"t": frames.KEY_OP, "id": op_id, "op": op, "args": args}))
+        return await fut
 
-    async def _send(self, body: dict[str, Any]) -> None:
-        if self._writer is None or self._closed_reason is not None:
-            raise ChannelClosed(f"{self.url}: {self._closed_reason}")
-        frames.write_frame(self._writer, body)
-        try:
-            await self._writer.drain()
-        except ConnectionError as exc:
-            self._fail_pending(f"write failed: {type(exc).__name__}")
-            raise ChannelClosed(f"{self.url}: write failed") from exc
+    # -- tasks --------------------------------------------------------------------------
 
-    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
-        reason = "enclave closed the connection"
-        try:
-            while True:
-                body = await frames.read_frame(reader)
-                t = body["t"]
-                if t == frames.RESULTS:
-                    items = body.get("items") or []
-                    for corr_id, result in items:
-                        fut = self._pending.pop(corr_id, None)
-                        if fut is not None and not fut.done():
-                            fut.set_result(result)
-                    await self.credits.release(int(body.get("credits", len(items))))
-                elif t == frames.KEY_OP_RESULT:
-                    fut = self._pending.pop(body.get("id"), None)  # type: ignore[arg-type]
-                    if fut is not None and not fut.done():
-                        fut.set_result(body)
-                elif t == frames.ERROR:
-                    reason = f"enclave error {body.get('code')}: {body.get('message')}"
+    async def _send_loop(self, outbound: DelayLine[bytes] | None) -> None:
+        s = self.settings
+        while True:
+            await self._work.wait()
+            if s.batch_window_s > 0 and len(self.queue) < min(s.max_batch, self.credits):
+                await asyncio.sleep(s.batch_window_s)  # coalesce: let more requests join this frame
+            n_max = min(s.max_batch, self.credits, len(self.queue))
+            items: list[list[Any]] = []
+            size = 0
+            now = time.perf_counter()
+            while len(items) < n_max:
+                p = self.queue[0]
+                if items and size + len(p.raw) > s.max_batch_bytes:
                     break
-                else:
-                    reason = f"unexpected frame type {t[:32]!r}"
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
+                self.queue.popleft()
+                corr_id = next(self._ids)
+                p.sent_at = now
+                self.inflight[corr_id] = p
+                items.append([corr_id, p.raw])
+                size += len(p.raw)
+            self.credits -= len(items)
+            if not (self.queue and self.credits > 0):
+                self._work.clear()
+            if not items:
+                continue
+            data = frames.encode_frame({"t": frames.SIGN, "items": items}, s.max_frame_bytes)
+            self.stats.frames_out += 1
+            self.stats.requests_out += len(items)
+            self.metrics.frames.labels(direction="out", **self._labels).inc()
+            self.metrics.frame_bytes.labels(direction="out", **self._labels).inc(len(data))
+            self.metrics.batch_size.observe(len(items))
+            self.metrics.credits.labels(**self._labels).set(self.credits)
+            if outbound is not None:
+                outbound.push(data, len(data))
+            else:
+                await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
+        assert self._writer is not None
+        async with self._write_lock:
+            await frames.write_frame(self._writer, data)
+
+    async def _read_loop(self, reader: asyncio.StreamReader, inbound: DelayLine[dict[str, Any]] | None) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                body = await frames.read_frame(reader, self.settings.max_frame_bytes)
+            except asyncio.IncompleteReadError:
+                raise _Lost("enclave closed the connection") from None
+            self._last_rx = loop.time()
+            if inbound is not None:
+                inbound.push(body, 0)  # the bandwidth cap is applied on the way out
+            else:
+                await self._handle(body)
+
+    async def _handle(self, body: dict[str, Any]) -> None:
+        t = body["t"]
+        if t == frames.RESULTS:
+            self._on_results(body)
+        elif t == frames.PONG:
             pass
-        except frames.FrameError as exc:
-            reason = f"bad frame from enclave: {exc}"
-        except (ValueError, TypeError) as exc:
-            reason = f"malformed results frame: {type(exc).__name__}"
-        if not self._closing:
-            log.warning("channel_lost", url=self.url, reason=reason)
-        self._fail_pending(reason)
-        if self._writer is not None:
-            self._writer.close()
+        elif t == frames.KEY_OP_RESULT:
+            fut = self._key_ops.pop(body.get("id"), None)  # type: ignore[arg-type]
+            if fut is not None and not fut.done():
+                fut.set_result(body)
+        elif t == frames.ERROR:
+            raise _Lost(f"enclave error {body.get('code')}: {str(body.get('message'))[:200]}")
+        else:
+            raise _Lost(f"unexpected frame type {t[:32]!r} from enclave")
 
-    def _fail_pending(self, reason: str) -> None:
-        if self._closed_reason is None:
-            self._closed_reason = reason
-        pending, self._pending = self._pending, {}
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(ChannelClosed(f"{self.url}: {reason}"))
+    def _on_results(self, body: dict[str, Any]) -> None:
+        items = body.get("items")
+        credits = body.get("credits")
+        if type(items) is not list or type(credits) is not int or credits < 0:
+            raise _Lost("malformed results frame")
+        now = time.perf_counter()
+        m = self.metrics
+        self.metrics.frames.labels(direction="in", **self._labels).inc()
+        for item in items:
+            if type(item) is not list or len(item) != 2 or type(item[1]) is not dict:
+                raise _Lost("malformed result item")
+            p = self.inflight.pop(item[0], None)
+            if p is None:
+                continue  # not ours (never sent, or already answered): ignore, never double-deliver
+            result = item[1]
+            timings = result.get("timings_us")
+            service_us = timings.get("enclave_service", 0) if type(timings) is dict else 0
+            rtt = now - p.sent_at
+            m.stage.labels("enclave_service").observe(service_us / 1e6)
+            m.stage.labels("channel_transfer").observe(max(0.0, rtt - service_us / 1e6))
+            if not p.future.done():
+                p.future.set_result(result)
+        self.credits += credits
+        m.credits.labels(**self._labels).set(self.credits)
+        if self.queue and self.credits > 0:
+            self._work.set()
+
+    async def _ping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            await self._write(frames.encode_frame({"t": frames.PING, "id": next(self._ids)}))
+
+    async def _watchdog(self) -> None:
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        while True:
+            await asyncio.sleep(min(s.heartbeat_interval_s, s.dead_after_s) / 2)
+            silent = loop.time() - self._last_rx
+            if silent > s.dead_after_s:
+                raise _Lost(f"no frame from the enclave for {silent:.1f}s (hung or dead)")

@@ -31,16 +31,17 @@ log = structlog.get_logger("cluster")
 class EnclaveProcess:
     """An enclave worker child process, owned by pid; ready when it prints its READY line."""
 
-    def __init__(self, url: str, enclave_id: str) -> None:
+    def __init__(self, url: str, enclave_id: str, extra_args: tuple[str, ...] = ()) -> None:
         self.url = url
         self.enclave_id = enclave_id
+        self.extra_args = extra_args
         self.proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float = 30.0) -> None:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "enclave_worker", "--listen", self.url,
-            "--enclave-id", self.enclave_id,
+            "--enclave-id", self.enclave_id, *self.extra_args,
             stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         assert self.proc.stdout is not None
@@ -73,10 +74,16 @@ class EnclaveProcess:
 
 
 class LocalCluster:
-    def __init__(self, http_port: int | None = None, partitions: int | None = None) -> None:
+    def __init__(
+        self, http_port: int | None = None, partitions: int | None = None, enclave_processes: int | None = None
+    ) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="signer-cluster-"))
         self.kafka: LocalKafka | None = None
-        self.enclave: EnclaveProcess | None = None
+        # signing is CPU-bound under the GIL: one enclave worker process per core by default
+        self.enclave_processes = enclave_processes or int(
+            os.environ.get("SIGNER_ENCLAVE_PROCESSES", str(os.cpu_count() or 1))
+        )
+        self.enclaves: list[EnclaveProcess] = []
         self.host: HostWorker | None = None
         self.config: HostConfig | None = None
         self.http_port = 0
@@ -108,8 +115,8 @@ class LocalCluster:
             await asyncio.to_thread(self.kafka.start)
             bootstrap = self.kafka.bootstrap
             log.info("kafka_ready", bootstrap=bootstrap, startup_s=round(self.kafka.startup_seconds, 2))
-        url = f"unix://{self.workdir / 'enclave-0.sock'}"
-        overrides: dict[str, object] = {"bootstrap": bootstrap, "enclaves": [url]}
+        urls = [f"unix://{self.workdir / f'enclave-{i}.sock'}" for i in range(self.enclave_processes)]
+        overrides: dict[str, object] = {"bootstrap": bootstrap, "enclaves": urls}
         cfg = HostConfig.from_env(**overrides)
         if self._partitions:
             from dataclasses import replace
@@ -119,8 +126,9 @@ class LocalCluster:
             cfg.http_port = self._http_port_req
         self.config = cfg
         await ensure_topics(bootstrap, cfg.layout)
-        self.enclave = EnclaveProcess(url, "enclave-0")
-        await self.enclave.start()
+        for i, url in enumerate(urls):
+            self.enclaves.append(EnclaveProcess(url, f"enclave-{i}"))
+            await self.enclaves[-1].start()
         self.host = HostWorker(cfg)
         await self.host.start()
         self._http, self.http_port = await serve_http(self.host, cfg.http_host, cfg.http_port)
@@ -142,9 +150,9 @@ class LocalCluster:
         if self._http is not None:
             await self._http.cleanup()
             self._http = None
-        if self.enclave is not None:
-            await self.enclave.stop()
-            self.enclave = None
+        for enclave in self.enclaves:
+            await enclave.stop()
+        self.enclaves = []
         if self.kafka is not None:
             await asyncio.to_thread(self.kafka.stop)
             self.kafka = None

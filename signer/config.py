@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 from broker.topics import TopicLayout
 
+from .channel import ChannelSettings
+from .pool import PoolSettings
+
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
@@ -36,6 +39,8 @@ class HostConfig:
     max_batch: int = 500
     http_host: str = "127.0.0.1"
     http_port: int = 9464
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    enclave_wait_s: float = 30.0
 
     @classmethod
     def from_env(cls, **overrides: object) -> HostConfig:
@@ -57,6 +62,18 @@ class HostConfig:
             max_batch=_int("SIGNER_MAX_BATCH", 500, 1),
             http_host=_env("SIGNER_HTTP_HOST", "127.0.0.1"),
             http_port=_int("SIGNER_HTTP_PORT", 9464),
+            pool=PoolSettings(
+                connections_per_enclave=_int("SIGNER_CONNECTIONS_PER_ENCLAVE", 2, 1),
+                max_queued=_int("SIGNER_MAX_QUEUED", 20_000, 1),
+                channel=ChannelSettings(
+                    max_batch=_int("SIGNER_FRAME_MAX_REQUESTS", 512, 1),
+                    max_batch_bytes=_int("SIGNER_FRAME_MAX_BYTES", 1024 * 1024, 1024),
+                    batch_window_s=_int("SIGNER_BATCH_WINDOW_US", 500) / 1e6,
+                    heartbeat_interval_s=_int("SIGNER_HEARTBEAT_INTERVAL_MS", 1000, 10) / 1000,
+                    dead_after_s=_int("SIGNER_DEAD_AFTER_MS", 5000, 50) / 1000,
+                ),
+            ),
+            enclave_wait_s=_int("SIGNER_ENCLAVE_WAIT_S", 30),
         )
         for k, v in overrides.items():
             setattr(cfg, k, v)

@@ -11,7 +11,6 @@ result carries the same bytes.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from typing import Any
 
@@ -27,9 +26,10 @@ from schemas.errors import SchemaError
 from schemas.sign_request import SignRequest, decode_sign_request
 from schemas.sign_result import DEADLINE_PASSED, SignResult
 
-from .channel import ChannelClosed, EnclaveChannel
+from .channel import ChannelClosed
 from .config import HostConfig
 from .metrics import HostMetrics
+from .pool import EnclavePool
 
 log = structlog.get_logger("host")
 
@@ -40,7 +40,7 @@ class HostWorker:
             raise ValueError("no enclave channel configured (SIGNER_ENCLAVES)")
         self.config = config
         self.metrics = metrics or HostMetrics()
-        self.channel = EnclaveChannel(config.enclaves[0])
+        self.pool = EnclavePool(config.enclaves, config.pool, self.metrics)
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self._stopping = asyncio.Event()
@@ -48,7 +48,12 @@ class HostWorker:
 
     async def start(self) -> None:
         cfg = self.config
-        await self._connect_channel()
+        await self.pool.start()
+        try:
+            async with asyncio.timeout(cfg.enclave_wait_s):
+                await self.pool.wait_ready()
+        except TimeoutError:
+            log.warning("no_enclave_yet", waited_s=cfg.enclave_wait_s, enclaves=cfg.enclaves)
         self.producer = result_producer(cfg.bootstrap)
         await self.producer.start()
         self.consumer = request_consumer(cfg.bootstrap, cfg.layout.requests, cfg.layout.admin, group_id=cfg.group_id)
@@ -60,6 +65,7 @@ class HostWorker:
         assert self.consumer is not None
         try:
             while not self._stopping.is_set():
+                await self.pool.wait_capacity()
                 batch = await self.consumer.getmany(timeout_ms=200, max_records=self.config.max_batch)
                 if batch:
                     await self._process(batch)
@@ -75,30 +81,15 @@ class HostWorker:
             await self.consumer.stop()  # leaves the group
         if self.producer is not None:
             await self.producer.stop()  # flushes
-        await self.channel.close()
+        await self.pool.close()
         self.metrics.enclaves_connected.set(0)
-
-    async def _connect_channel(self) -> None:
-        delay = 0.05
-        while True:
-            try:
-                await self.channel.connect()
-                self.metrics.enclaves_connected.set(1)
-                return
-            except (OSError, ChannelClosed, TimeoutError) as exc:
-                log.warning("channel_connect_failed", url=self.channel.url, error=str(exc))
-                if self._stopping.is_set():
-                    raise
-                # jittered exponential backoff
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 2.0)
 
     async def _process(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
         assert self.producer is not None and self.consumer is not None
         cfg = self.config
         now_ms = int(time.time() * 1000)
         acks: list[asyncio.Future[Any]] = []
-        to_sign: list[tuple[SignRequest, int]] = []
+        to_sign: list[tuple[SignRequest, bytes, int]] = []
         count = sum(len(r) for r in batch.values())
         self.metrics.in_flight.set(count)
         for tp, records in batch.items():
@@ -117,9 +108,13 @@ class HostWorker:
                                              "deadline passed before the request reached an enclave")  # fmt: skip
                     acks.append(await self._publish(req, expired.to_wire()))
                     continue
-                to_sign.append((req, max(0, now_ms - rec.timestamp)))
+                to_sign.append((req, rec.value, max(0, now_ms - rec.timestamp)))
         if to_sign:
-            for res, (req, wait_ms) in zip(await self._sign([r for r, _ in to_sign]), to_sign, strict=True):
+            t0 = time.perf_counter()
+            futures = self.pool.submit_many([(req.key_id, raw) for req, raw, _ in to_sign])
+            results = await asyncio.gather(*futures)
+            self.metrics.stage.labels("enclave_round_trip").observe(time.perf_counter() - t0)
+            for res, (req, _, wait_ms) in zip(results, to_sign, strict=True):
                 res.setdefault("timings_us", {})["kafka_wait"] = wait_ms * 1000
                 acks.append(await self._publish(req, res))
         t0 = time.perf_counter()
@@ -128,28 +123,6 @@ class HostWorker:
         # ... before the offsets that produced them are committed
         await self.consumer.commit({tp: OffsetAndMetadata(records[-1].offset + 1, "") for tp, records in batch.items()})
         self.metrics.in_flight.set(0)
-
-    async def _sign(self, reqs: list[SignRequest]) -> list[dict[str, Any]]:
-        wire = [r.to_wire() for r in reqs]
-        while True:
-            t0 = time.perf_counter()
-            try:
-                results = await self.channel.sign(wire, self.config.max_batch)
-            except ChannelClosed as exc:
-                # resend the same batch on a new connection: deterministic signatures make it safe
-                log.warning("channel_lost_resending", error=str(exc), requests=len(wire))
-                self.metrics.enclaves_connected.set(0)
-                self.metrics.reconnects.inc()
-                await self.channel.close()
-                await self._connect_channel()
-                continue
-            rtt = time.perf_counter() - t0
-            self.metrics.stage.labels("channel_round_trip").observe(rtt)
-            self.metrics.batch_size.observe(len(wire))
-            for res in results:
-                svc = res.get("timings_us", {}).get("enclave_service", 0)
-                self.metrics.stage.labels("enclave_service").observe(svc / 1e6)
-            return results
 
     async def _publish(self, req: SignRequest, result: dict[str, Any]) -> asyncio.Future[Any]:
         assert self.producer is not None
@@ -173,13 +146,22 @@ class HostWorker:
         except SchemaError as exc:
             return await self._to_dlq(rec, exc)
         try:
-            reply = await self.channel.key_op(req["op"], req["args"])
-            body = {"v": 1, "request_id": req["request_id"], "ok": bool(reply.get("ok")),
-                    "result": reply.get("result"), "error": reply.get("error"),
-                    "enclave_id": self.channel.enclave_id}  # fmt: skip
+            reply = await self.pool.key_op(req["op"], req["args"])
+            body = {
+                "v": 1,
+                "request_id": req["request_id"],
+                "ok": bool(reply.get("ok")),
+                "result": reply.get("result"),
+                "error": reply.get("error"),
+                "enclave_id": reply.get("enclave_id"),
+            }
         except ChannelClosed as exc:
-            body = {"v": 1, "request_id": req["request_id"], "ok": False,
-                    "error": {"code": "enclave_unavailable", "message": str(exc)}}  # fmt: skip
+            body = {
+                "v": 1,
+                "request_id": req["request_id"],
+                "ok": False,
+                "error": {"code": "enclave_unavailable", "message": str(exc)},
+            }
         log.info("admin_op", op=req["op"], request_id=req["request_id"], ok=body["ok"])
         topic = req["reply_topic"] or self.config.layout.admin_replies
         return await self.producer.send(topic, msgpack.packb(body, use_bin_type=True), key=req["request_id"].encode())

@@ -19,7 +19,7 @@ def make_app(host: HostWorker) -> web.Application:
     async def readyz(_: web.Request) -> web.Response:
         checks = {
             "kafka": host.kafka_ready,
-            "enclave": host.channel.connected and host.channel.credits.available > 0,
+            "enclave": any(c.credits > 0 for c in host.pool.live()),
         }
         return web.json_response(
             {"ready": all(checks.values()), "checks": checks}, status=200 if all(checks.values()) else 503

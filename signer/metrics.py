@@ -28,4 +28,16 @@ class HostMetrics:
         )  # fmt: skip
         self.in_flight = Gauge("signer_in_flight", "Requests consumed and not yet committed", registry=r)
         self.reconnects = Counter("signer_channel_reconnects", "Channel reconnects", registry=r)
-        self.enclaves_connected = Gauge("signer_enclaves_connected", "Enclave channels currently connected", registry=r)
+        self.redispatched = Counter(
+            "signer_redispatched_requests", "Requests re-dispatched after their connection was lost", registry=r
+        )
+        self.frames = Counter(
+            "signer_channel_frames", "Frames over enclave channels", ["direction", "channel"], registry=r
+        )
+        self.frame_bytes = Counter(
+            "signer_channel_frame_bytes", "Frame bytes over enclave channels", ["direction", "channel"], registry=r
+        )
+        self.credits = Gauge("signer_channel_credits", "Credits available per channel", ["channel"], registry=r)
+        self.enclaves_connected = Gauge(
+            "signer_enclaves_connected", "Enclaves with at least one live channel", registry=r
+        )

@@ -2,73 +2,126 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
+import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgpack
 import pytest
 from eth_account import Account
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from schemas import frames
-from schemas.transport import open_channel
-from signer.channel import EnclaveChannel
-from tests.procs import Proc
+from signer.pool import EnclavePool, PoolSettings
+from tests.enclaves import start_enclave
 
 
 @pytest.fixture
 def enclave(sock_dir: Path, tmp_path: Path) -> Iterator[str]:
-    url = f"unix://{sock_dir / 'e.sock'}"
-    proc = Proc(["enclave_worker", "--listen", url, "--enclave-id", "enc-t", "--credits", "64"],
-                log=tmp_path / "enclave.log")  # fmt: skip
+    proc, url = start_enclave(sock_dir, "enc-t", tmp_path, credits=64)
     try:
-        proc.wait_for_line("READY")
         yield url
     finally:
-        assert proc.stop() == 0  # a clean exit on SIGTERM
+        assert proc.stop() == 0  # a clean exit on SIGTERM, after everything thrown at it
+
+
+def _req(rid: str, key_id: str, scheme: str, payload: object, **kw: object) -> bytes:
+    return msgpack.packb({"v": 1, "request_id": rid, "key_id": key_id, "scheme": scheme, "payload": payload, **kw})
 
 
 async def test_hello_then_batched_signatures(enclave: str) -> None:
-    ch = EnclaveChannel(enclave)
-    await ch.connect()
+    pool = EnclavePool([enclave], PoolSettings(connections_per_enclave=1))
+    await pool.start(ready_timeout=10)
     try:
-        assert ch.enclave_id == "enc-t" and ch.credits.available == 64
-        key = (await ch.key_op("keys.create", {"scheme": "secp256k1"}))["result"]
-        reqs = [{"v": 1, "request_id": f"r{i}", "key_id": key["key_id"], "scheme": "secp256k1_digest",
-                 "payload": os.urandom(32)} for i in range(200)]  # fmt: skip
-        results = await ch.sign(reqs, max_batch=50)
-        assert [r["request_id"] for r in results] == [r["request_id"] for r in reqs]
-        for req, res in zip(reqs, results, strict=True):
+        conn = pool.connections[0]
+        assert conn.enclave_id == "enc-t" and conn.credits == 64
+        key = (await pool.key_op("keys.create", {"scheme": "secp256k1"}))["result"]
+        digests = [os.urandom(32) for _ in range(200)]
+        futures = pool.submit_many(
+            [(key["key_id"], _req(f"r{i}", key["key_id"], "secp256k1_digest", d)) for i, d in enumerate(digests)]
+        )
+        results = [await f for f in futures]
+        assert [r["request_id"] for r in results] == [f"r{i}" for i in range(200)]
+        for d, res in zip(digests, results, strict=True):
             sig = res["signature"]
             vrs = (sig[64] + 27, int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:64], "big"))
-            assert Account._recover_hash(req["payload"], vrs=vrs) == key["address"]
+            assert Account._recover_hash(d, vrs=vrs) == key["address"]
             assert res["enclave_id"] == "enc-t" and "enclave_service" in res["timings_us"]
-        assert ch.credits.available == 64  # every credit came back with its results
+        assert conn.credits == 64  # every credit came back with its results
+        assert conn.stats.frames_out < 200 / 10  # batched: never more than 64 (credits) per frame, usually 64
     finally:
-        await ch.close()
+        await pool.close()
 
 
 async def test_refusals_are_results_with_codes(enclave: str) -> None:
-    ch = EnclaveChannel(enclave)
-    await ch.connect()
+    pool = EnclavePool([enclave], PoolSettings(connections_per_enclave=1))
+    await pool.start(ready_timeout=10)
     try:
-        ed = (await ch.key_op("keys.create", {"scheme": "ed25519"}))["result"]
-        reqs = [
-            {"v": 1, "request_id": "unknown", "key_id": "k_nope", "scheme": "secp256k1_digest", "payload": b"\1" * 32},
-            {"v": 1, "request_id": "mismatch", "key_id": ed["key_id"], "scheme": "secp256k1_digest", "payload": b"\1" * 32},
-            {"v": 1, "request_id": "expired", "key_id": ed["key_id"], "scheme": "ed25519", "payload": b"m", "deadline_ms": 1},
-            {"v": 1, "request_id": "invalid", "key_id": ed["key_id"], "scheme": "ed25519", "payload": 7},
-            "not a map",
-        ]  # fmt: skip
-        res = await ch.sign(reqs, max_batch=10)  # type: ignore[arg-type]
+        ed = (await pool.key_op("keys.create", {"scheme": "ed25519"}))["result"]
+        k = ed["key_id"]
+        raws = [
+            _req("unknown", "k_nope", "secp256k1_digest", b"\1" * 32),
+            _req("mismatch", k, "secp256k1_digest", b"\1" * 32),
+            _req("expired", k, "ed25519", b"m", deadline_ms=1),
+            _req("invalid", k, "ed25519", 7),
+            b"\xc1 not msgpack",
+        ]
+        res = [await f for f in pool.submit_many([(k, r) for r in raws])]
         got = [(r["status"], r["error"]["code"]) for r in res]
-        assert got == [("error", "unknown_key"), ("rejected", "scheme_mismatch"), ("expired", "deadline_passed"),
-                       ("error", "wrong_type"), ("error", "invalid_request")]  # fmt: skip
-        bad = await ch.key_op("keys.create", {"scheme": "rsa"})
+        assert got == [
+            ("error", "unknown_key"),
+            ("rejected", "scheme_mismatch"),
+            ("expired", "deadline_passed"),
+            ("error", "wrong_type"),
+            ("error", "malformed"),
+        ]
+        bad = await pool.key_op("keys.create", {"scheme": "rsa"})
         assert bad["ok"] is False and bad["error"]["code"] == "invalid_argument"
     finally:
-        await ch.close()
+        await pool.close()
+
+
+def _connect(url: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(url.removeprefix("unix://"))
+    return s
+
+
+def _read_frame(s: socket.socket) -> dict[str, object] | None:
+    head = b""
+    while len(head) < 4:
+        chunk = s.recv(4 - len(head))
+        if not chunk:
+            return None
+        head += chunk
+    (size,) = struct.unpack(">I", head)
+    body = b""
+    while len(body) < size:
+        chunk = s.recv(size - len(body))
+        if not chunk:
+            return None
+        body += chunk
+    return frames.decode_body(body)
+
+
+def _drain_until_closed(s: socket.socket) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if _read_frame(s) is None:
+            return
+    raise AssertionError("the enclave did not close the connection")
+
+
+def _still_serving(url: str) -> None:
+    with _connect(url) as s:
+        assert _read_frame(s)["t"] == frames.HELLO  # type: ignore[index]
+        s.sendall(frames.encode_frame({"t": frames.PING, "id": 9}))
+        assert _read_frame(s) == {"t": frames.PONG, "id": 9}
 
 
 @pytest.mark.parametrize(
@@ -78,26 +131,42 @@ async def test_refusals_are_results_with_codes(enclave: str) -> None:
         struct.pack(">I", 3) + b"\xc1\xc1\xc1",  # not msgpack
         frames.encode_frame({"t": "launch_missiles"}),  # unknown frame type
         frames.encode_frame({"t": frames.SIGN, "items": "nope"}),
+        frames.encode_frame({"t": frames.SIGN, "items": [[1, {"not": "bytes"}]]}),
+        frames.encode_frame({"no_type": 1}),
     ],
 )
-async def test_bad_frame_closes_only_that_connection(enclave: str, garbage: bytes) -> None:
-    good = EnclaveChannel(enclave)
-    await good.connect()
-    reader, writer = await open_channel(enclave)
-    try:
-        hello = await frames.read_frame(reader)
-        assert hello["t"] == frames.HELLO
-        writer.write(garbage)
-        await writer.drain()
-        async with asyncio.timeout(10):
-            try:
-                while True:  # an ERROR frame may come first, then EOF
-                    await frames.read_frame(reader)
-            except asyncio.IncompleteReadError:
-                pass
-        # the process and the other connection are unaffected
-        key = await good.key_op("keys.create", {"scheme": "ed25519"})
-        assert key["ok"] is True
-    finally:
-        writer.close()
-        await good.close()
+def test_bad_frame_closes_only_that_connection(enclave: str, garbage: bytes) -> None:
+    with _connect(enclave) as bystander, _connect(enclave) as attacker:
+        assert _read_frame(bystander)["t"] == frames.HELLO  # type: ignore[index]
+        assert _read_frame(attacker)["t"] == frames.HELLO  # type: ignore[index]
+        attacker.sendall(garbage)
+        _drain_until_closed(attacker)  # an ERROR frame may come first, then EOF
+        bystander.sendall(frames.encode_frame({"t": frames.PING, "id": 1}))
+        assert _read_frame(bystander) == {"t": frames.PONG, "id": 1}
+
+
+_valid = [
+    frames.encode_frame({"t": frames.PING, "id": 1}),
+    frames.encode_frame({"t": frames.SIGN, "items": [[1, _req("f", "k", "secp256k1_digest", b"\0" * 32)]]}),
+    frames.encode_frame({"t": frames.KEY_OP, "id": 2, "op": "keys.list", "args": {}}),
+]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.tuples(st.sampled_from(_valid), st.integers(0, 200), st.binary(min_size=1, max_size=4)).map(
+            lambda t: t[0][: t[1]] + t[2] + t[0][t[1] + len(t[2]) :]  # overwrite bytes of a valid frame
+        ),
+        st.tuples(st.sampled_from(_valid), st.integers(1, 60)).map(lambda t: t[0][: -t[1]]),  # truncated
+    )
+)
+def test_fuzzed_frames_never_take_down_the_enclave(enclave: str, blob: bytes) -> None:
+    with _connect(enclave) as s:
+        assert _read_frame(s)["t"] == frames.HELLO  # type: ignore[index]
+        s.sendall(blob)
+        s.shutdown(socket.SHUT_WR)  # end of input: the enclave answers what it can, then closes
+        while _read_frame(s) is not None:
+            pass
+    _still_serving(enclave)

@@ -1,0 +1,234 @@
+"""The pool of enclave connections: several persistent connections per enclave, many enclaves.
+
+Routing: a key goes to the enclave known to hold it (learned from keys.list on
+connect and from keys.create), else by rendezvous hashing over the live
+enclaves, so an enclave's key cache stays hot; within an enclave, to the
+connection with the least work. Connections are supervised: reconnect with
+jittered exponential backoff; requests on a lost connection are re-dispatched
+to a live one. A request's future is resolved exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from schemas import frames
+
+from .channel import ChannelClosed, ChannelSettings, EnclaveConnection, Pending
+from .metrics import HostMetrics
+
+log = structlog.get_logger("pool")
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    connections_per_enclave: int = 2
+    backoff_min_s: float = 0.05
+    backoff_max_s: float = 2.0
+    max_queued: int = 20_000  # requests accepted but not yet sent; above this, callers wait
+    channel: ChannelSettings = field(default_factory=ChannelSettings)
+
+
+class EnclavePool:
+    def __init__(self, urls: list[str], settings: PoolSettings | None = None, metrics: HostMetrics | None = None):
+        if not urls:
+            raise ValueError("no enclave channel configured (SIGNER_ENCLAVES)")
+        self.settings = settings or PoolSettings()
+        self.metrics = metrics or HostMetrics()
+        self.groups: dict[str, list[EnclaveConnection]] = {}
+        for url in urls:
+            self.groups[url] = [
+                EnclaveConnection(url, self.settings.channel, self._on_lost, self.metrics, name=f"{url}#{i}")
+                for i in range(self.settings.connections_per_enclave)
+            ]
+        self.directory: dict[str, str] = {}  # key_id -> enclave url
+        self.backlog: deque[Pending] = deque()  # accepted while no connection was live
+        self._closing = False
+        self._runner: asyncio.Task[None] | None = None
+        self._up = asyncio.Event()
+        self._capacity = asyncio.Event()
+        self._capacity.set()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self, ready_timeout: float | None = None) -> None:
+        """Start supervising every connection; with a timeout, wait until one is live."""
+        self._runner = asyncio.create_task(self._run(), name="enclave-pool")
+        if ready_timeout is not None:
+            async with asyncio.timeout(ready_timeout):
+                await self._up.wait()
+
+    async def wait_ready(self) -> None:
+        await self._up.wait()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        for conn in self.connections:
+            await conn.close()
+        leftovers = list(self.backlog)
+        self.backlog.clear()
+        for p in leftovers:
+            if not p.future.done():
+                p.future.set_exception(ChannelClosed("enclave pool closed"))
+
+    async def _run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for conn in self.connections:
+                tg.create_task(self._supervise(conn), name=f"supervise {conn.name}")
+
+    async def _supervise(self, conn: EnclaveConnection) -> None:
+        s = self.settings
+        delay = s.backoff_min_s
+        while not self._closing:
+            try:
+                await conn.connect()
+            except (OSError, ChannelClosed, TimeoutError, frames.FrameError, asyncio.IncompleteReadError) as exc:
+                log.debug("channel_connect_failed", channel=conn.name, error=repr(exc))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # jittered exponential backoff
+                delay = min(delay * 2, s.backoff_max_s)
+                continue
+            delay = s.backoff_min_s
+            serving = asyncio.create_task(conn.serve(), name=f"serve {conn.name}")
+            try:
+                await self._learn_keys(conn)
+                self._on_up()
+                await serving
+            finally:
+                if not serving.done():
+                    serving.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await serving
+            if not self._closing:
+                self.metrics.reconnects.inc()
+                self._refresh_gauges()
+
+    async def _learn_keys(self, conn: EnclaveConnection) -> None:
+        with contextlib.suppress(ChannelClosed):
+            reply = await conn.key_op("keys.list", {})
+            for k in (reply.get("result") or {}).get("keys", []):
+                self.directory[k["key_id"]] = conn.url
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def connections(self) -> list[EnclaveConnection]:
+        return [c for group in self.groups.values() for c in group]
+
+    def live(self, url: str | None = None) -> list[EnclaveConnection]:
+        conns = self.groups.get(url, []) if url is not None else self.connections
+        return [c for c in conns if c.connected]
+
+    @property
+    def queued(self) -> int:
+        """Requests accepted and not yet sent to an enclave."""
+        return len(self.backlog) + sum(len(c.queue) for c in self.connections)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(c.inflight) for c in self.connections)
+
+    @property
+    def saturated(self) -> bool:
+        """No live connection has credit: the dispatcher should stop taking work."""
+        return not any(c.credits > 0 for c in self.live())
+
+    def _refresh_gauges(self) -> None:
+        self.metrics.enclaves_connected.set(sum(1 for url in self.groups if self.live(url)))
+        if self.queued < self.settings.max_queued:
+            self._capacity.set()
+        else:
+            self._capacity.clear()
+
+    async def wait_capacity(self) -> None:
+        """Return when the pool accepts more work (bounded memory, however far producers run ahead)."""
+        self._refresh_gauges()
+        await self._capacity.wait()
+
+    # -- work ----------------------------------------------------------------------------
+
+    def submit(self, key_id: str, raw: bytes) -> asyncio.Future[dict[str, Any]]:
+        """Queue one SignRequest (as encoded bytes); the future gets its result map."""
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        if self._closing:
+            fut.set_exception(ChannelClosed("enclave pool closed"))
+            return fut
+        self._route(Pending(key_id, raw, fut))
+        return fut
+
+    def submit_many(self, items: list[tuple[str, bytes]]) -> list[asyncio.Future[dict[str, Any]]]:
+        futures = [self.submit(key_id, raw) for key_id, raw in items]
+        self._refresh_gauges()
+        return futures
+
+    def _route(self, p: Pending) -> None:
+        url = self.directory.get(p.key_id)
+        conns = self.live(url) if url is not None else []
+        if not conns:
+            # rendezvous hashing over live enclaves keeps a key on one enclave while it lives
+            urls = [u for u in self.groups if self.live(u)]
+            if not urls:
+                self.backlog.append(p)
+                return
+            url = max(urls, key=lambda u: _score(p.key_id, u))
+            conns = self.live(url)
+        min(conns, key=lambda c: c.load - c.credits).enqueue(p)
+
+    def _on_lost(self, conn: EnclaveConnection, unanswered: list[Pending]) -> None:
+        self._refresh_gauges()
+        if self._closing:
+            for p in unanswered:
+                if not p.future.done():
+                    p.future.set_exception(ChannelClosed("enclave pool closed"))
+            return
+        if unanswered:
+            self.metrics.redispatched.inc(len(unanswered))
+        for p in unanswered:
+            if p.future.done():
+                continue
+            p.attempts += 1
+            self._route(p)
+
+    def _on_up(self) -> None:
+        self._up.set()
+        self._refresh_gauges()
+        pending, self.backlog = self.backlog, deque()
+        for p in pending:
+            self._route(p)
+
+    # -- key management ----------------------------------------------------------------------
+
+    async def key_op(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """keys.create goes to the least-loaded live enclave; keys.list asks every live enclave."""
+        if op == "keys.list":
+            keys: list[dict[str, Any]] = []
+            for url in self.groups:
+                live = self.live(url)
+                if live:
+                    reply = await live[0].key_op(op, args)
+                    for k in (reply.get("result") or {}).get("keys", []):
+                        keys.append({**k, "enclave_id": live[0].enclave_id})
+            return {"ok": True, "result": {"keys": keys}}
+        live = self.live()
+        if not live:
+            raise ChannelClosed("no enclave connected")
+        conn = min(live, key=lambda c: c.load)
+        reply = await conn.key_op(op, args)
+        if reply.get("ok") and op == "keys.create":
+            self.directory[reply["result"]["key_id"]] = conn.url
+        return {**reply, "enclave_id": conn.enclave_id}
+
+
+def _score(key_id: str, url: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{url}|{key_id}".encode(), digest_size=8).digest(), "big")

@@ -1,0 +1,103 @@
+"""Enclave worker processes for tests, and a scripted enclave peer for channel tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from schemas import frames
+from tests.procs import Proc
+
+
+def start_enclave(
+    sock_dir: Path, name: str, log_dir: Path, *, handler: str = "sign", credits: int = 4096
+) -> tuple[Proc, str]:
+    url = f"unix://{sock_dir / (name + '.sock')}"
+    proc = Proc(
+        ["enclave_worker", "--listen", url, "--enclave-id", name, "--credits", str(credits), "--handler", handler],
+        log=log_dir / f"{name}.log",
+    )
+    proc.wait_for_line("READY")
+    return proc, url
+
+
+class ScriptedEnclave:
+    """A real Unix-socket server speaking the frame protocol as a test scripts it.
+
+    It stands behind the channel seam (the transport URL), so the host code under
+    test is the production code; only the enclave's behaviour is scripted.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        credits: int,
+        on_frame: Callable[[ScriptedEnclave, dict[str, Any], asyncio.StreamWriter], Awaitable[None]] | None = None,
+    ):
+        self.path = path
+        self.url = f"unix://{path}"
+        self.credits = credits
+        self.received: list[list[Any]] = []  # sign items, in arrival order
+        self.frames_seen: list[str] = []
+        self.changed = asyncio.Condition()
+        self.writers: list[asyncio.StreamWriter] = []
+        self._on_frame = on_frame
+        self._server: asyncio.Server | None = None
+        self.hello: dict[str, Any] = {"t": frames.HELLO, "proto": frames.PROTOCOL_VERSION, "enclave_id": "scripted"}
+
+    async def __aenter__(self) -> ScriptedEnclave:
+        self._server = await asyncio.start_unix_server(self._conn, str(self.path))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for w in self.writers:
+            w.close()
+        with contextlib.suppress(Exception):
+            await self._server.wait_closed()
+
+    async def send(self, body: dict[str, Any], writer: asyncio.StreamWriter | None = None) -> None:
+        w = writer or self.writers[-1]
+        await frames.write_frame(w, frames.encode_frame(body))
+
+    async def wait_received(self, n: int, timeout: float = 10) -> None:
+        async with asyncio.timeout(timeout), self.changed:
+            await self.changed.wait_for(lambda: len(self.received) >= n)
+
+    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        await self.send({**self.hello, "credits": self.credits}, writer)
+        try:
+            while True:
+                body = await frames.read_frame(reader)
+                async with self.changed:
+                    self.frames_seen.append(body["t"])
+                    if body["t"] == frames.SIGN:
+                        self.received.extend(body["items"])
+                    elif body["t"] == frames.PING:
+                        await self.send({"t": frames.PONG, "id": body.get("id")}, writer)
+                    elif body["t"] == frames.KEY_OP:
+                        await self.send(
+                            {"t": frames.KEY_OP_RESULT, "id": body["id"], "ok": True, "result": {"keys": []}}, writer
+                        )
+                    self.changed.notify_all()
+                if self._on_frame is not None:
+                    await self._on_frame(self, body, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll host-side state (no event exists for it) until it holds; fail after timeout."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():  # noqa: ASYNC110 - polling in-process state, bounded by the timeout
+                await asyncio.sleep(0.002)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None

@@ -1,0 +1,241 @@
+"""Persistent multiplexed channels: batching, credits, failures, reconnects, link shaping.
+
+Real enclave worker processes on Unix sockets (the `noop` handler answers with
+sha256(request) instead of a signature, so exactly-once delivery and determinism
+can be checked without keys), and a scripted enclave peer behind the same
+transport seam where a behaviour must be provoked precisely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import signal
+import time
+from pathlib import Path
+
+import msgpack
+
+from schemas import frames
+from signer.channel import ChannelSettings
+from signer.metrics import HostMetrics
+from signer.pool import EnclavePool, PoolSettings
+from tests.enclaves import ScriptedEnclave, start_enclave, wait_until
+
+
+def _raw(i: int) -> bytes:
+    return msgpack.packb({"v": 1, "request_id": f"r{i}", "key_id": f"k{i % 97}", "scheme": "ed25519", "payload": b"x"})
+
+
+def _settings(**channel: object) -> PoolSettings:
+    base = {"heartbeat_interval_s": 0.1, "dead_after_s": 1.0, "hello_timeout_s": 2.0}
+    base.update(channel)
+    return PoolSettings(
+        connections_per_enclave=2, backoff_min_s=0.02, backoff_max_s=0.2, channel=ChannelSettings(**base)
+    )  # type: ignore[arg-type]
+
+
+async def _all_answered_once(
+    futures: list[asyncio.Future[dict[str, object]]], raws: list[bytes], timeout: float = 60
+) -> None:
+    async with asyncio.timeout(timeout):
+        results = await asyncio.gather(*futures)
+    assert len(results) == len(raws)
+    for i, (raw, res) in enumerate(zip(raws, results, strict=True)):
+        assert res["request_id"] == f"r{i}" and res["signature"] == hashlib.sha256(raw).digest(), res
+
+
+async def test_requests_travel_in_batches_under_load(sock_dir: Path, tmp_path: Path) -> None:
+    proc, url = start_enclave(sock_dir, "e0", tmp_path, handler="noop")
+    pool = EnclavePool([url], _settings(max_batch=256))
+    try:
+        await pool.start(ready_timeout=10)
+        raws = [_raw(i) for i in range(10_000)]
+        await _all_answered_once(pool.submit_many([(f"k{i % 97}", r) for i, r in enumerate(raws)]), raws)
+        frames_out = sum(c.stats.frames_out for c in pool.connections)
+        assert sum(c.stats.requests_out for c in pool.connections) == 10_000
+        assert frames_out <= 10_000 / 50, f"{frames_out} frames for 10000 requests"
+        assert all(c.stats.requests_out > 0 for c in pool.connections)  # both connections used
+    finally:
+        await pool.close()
+        proc.stop()
+
+
+async def test_a_frame_respects_the_byte_bound(sock_dir: Path, tmp_path: Path) -> None:
+    proc, url = start_enclave(sock_dir, "e0", tmp_path, handler="noop")
+    pool = EnclavePool([url], PoolSettings(connections_per_enclave=1, channel=ChannelSettings(max_batch_bytes=4096)))
+    try:
+        await pool.start(ready_timeout=10)
+        raws = [_raw(i) for i in range(2000)]
+        await _all_answered_once(pool.submit_many([(f"k{i % 97}", r) for i, r in enumerate(raws)]), raws)
+        per_frame = 4096 // len(raws[0]) + 1
+        assert pool.connections[0].stats.frames_out >= 2000 / per_frame
+    finally:
+        await pool.close()
+        proc.stop()
+
+
+async def test_no_credit_means_nothing_more_is_sent(sock_dir: Path) -> None:
+    async with ScriptedEnclave(sock_dir / "s.sock", credits=5) as enclave:
+        pool = EnclavePool([enclave.url], PoolSettings(connections_per_enclave=1))
+        try:
+            await pool.start(ready_timeout=10)
+            raws = [_raw(i) for i in range(50)]
+            futures = pool.submit_many([("k", r) for r in raws])
+            await enclave.wait_received(5)
+            conn = pool.connections[0]
+            # the host holds the rest: 5 in flight (all its credit), 45 queued, saturated
+            assert (len(conn.inflight), len(conn.queue), conn.credits, pool.saturated) == (5, 45, 0, True)
+            assert len(enclave.received) == 5
+            # answering three and returning three credits lets exactly three more through
+            done = enclave.received[:3]
+            await enclave.send(
+                {"t": frames.RESULTS, "credits": 3, "items": [[c, {"request_id": "x", "n": c}] for c, _ in done]}
+            )
+            await enclave.wait_received(8)
+            await asyncio.sleep(0)  # let the host observe its own state
+            assert (len(conn.inflight), len(conn.queue), conn.credits) == (5, 42, 0)
+            assert len(enclave.received) == 8
+            assert sum(f.done() for f in futures) == 3
+        finally:
+            await pool.close()
+
+
+async def test_killing_an_enclave_mid_load_loses_no_request(sock_dir: Path, tmp_path: Path) -> None:
+    p0, u0 = start_enclave(sock_dir, "e0", tmp_path, handler="noop", credits=256)
+    p1, u1 = start_enclave(sock_dir, "e1", tmp_path, handler="noop", credits=256)
+    metrics = HostMetrics()
+    pool = EnclavePool([u0, u1], _settings(max_batch=64), metrics)
+    try:
+        await pool.start(ready_timeout=10)
+        await wait_until(lambda: len(pool.live()) == 4, what="four live connections")
+        raws = [_raw(i) for i in range(30_000)]
+        futures = pool.submit_many([(f"k{i % 97}", r) for i, r in enumerate(raws)])
+        # kill e0 while it has work in flight
+        await wait_until(
+            lambda: any(c.inflight for c in pool.live(u0)) and sum(f.done() for f in futures) >= 2000,
+            what="e0 busy mid-load",
+        )
+        p0.stop(signal.SIGKILL)
+        await _all_answered_once(futures, raws)
+        assert metrics.redispatched._value.get() > 0  # some requests really were re-dispatched
+        assert not pool.live(u0) and len(pool.live(u1)) == 2
+    finally:
+        await pool.close()
+        p1.stop()
+
+
+async def test_reconnects_after_the_enclave_restarts(sock_dir: Path, tmp_path: Path) -> None:
+    proc, url = start_enclave(sock_dir, "e0", tmp_path, handler="noop")
+    metrics = HostMetrics()
+    pool = EnclavePool([url], _settings(), metrics)
+    try:
+        await pool.start(ready_timeout=10)
+        raws = [_raw(i) for i in range(100)]
+        await _all_answered_once(pool.submit_many([("k", r) for r in raws]), raws)
+        proc.stop(signal.SIGKILL)
+        await wait_until(lambda: not pool.live(), what="the connections to notice the kill")
+        # accepted while no enclave is up: held, not failed
+        futures = pool.submit_many([("k", r) for r in raws])
+        proc, _ = start_enclave(sock_dir, "e0", tmp_path, handler="noop")
+        await _all_answered_once(futures, raws, timeout=30)
+        assert metrics.reconnects._value.get() >= 1
+    finally:
+        await pool.close()
+        proc.stop()
+
+
+async def test_a_hung_enclave_is_detected_and_its_work_moves(sock_dir: Path, tmp_path: Path) -> None:
+    p0, u0 = start_enclave(sock_dir, "e0", tmp_path, handler="noop")
+    p1, u1 = start_enclave(sock_dir, "e1", tmp_path, handler="noop")
+    pool = EnclavePool([u0, u1], _settings(dead_after_s=0.5, heartbeat_interval_s=0.1))
+    try:
+        await pool.start(ready_timeout=10)
+        await wait_until(lambda: len(pool.live()) == 4, what="four live connections")
+        p0.popen.send_signal(signal.SIGSTOP)  # hung, not dead: the socket stays open
+        t0 = time.monotonic()
+        raws = [_raw(i) for i in range(2000)]
+        await _all_answered_once(pool.submit_many([(f"k{i % 97}", r) for i, r in enumerate(raws)]), raws, timeout=20)
+        assert not pool.live(u0)
+        assert time.monotonic() - t0 < 5  # detected within the configured time, not a TCP timeout
+    finally:
+        p0.popen.send_signal(signal.SIGCONT)
+        await pool.close()
+        p0.stop()
+        p1.stop()
+
+
+async def test_a_corrupt_frame_from_the_enclave_drops_only_that_connection(sock_dir: Path) -> None:
+    async def corrupt_first_sign(
+        enclave: ScriptedEnclave, body: dict[str, object], writer: asyncio.StreamWriter
+    ) -> None:
+        if body["t"] == frames.SIGN and not getattr(enclave, "corrupted", False):
+            enclave.corrupted = True  # type: ignore[attr-defined]
+            writer.write(b"\x00\x00\x00\x03\xc1\xc1\xc1")  # a frame that is not msgpack
+        elif body["t"] == frames.SIGN:
+            items = body["items"]
+            await enclave.send(
+                {
+                    "t": frames.RESULTS,
+                    "credits": len(items),
+                    "items": [
+                        [c, {"request_id": msgpack.unpackb(r)["request_id"], "signature": hashlib.sha256(r).digest()}]
+                        for c, r in items
+                    ],
+                },
+                writer,
+            )  # type: ignore[union-attr]
+
+    async with ScriptedEnclave(sock_dir / "s.sock", credits=100, on_frame=corrupt_first_sign) as enclave:
+        metrics = HostMetrics()
+        pool = EnclavePool([enclave.url], _settings(), metrics)
+        try:
+            await pool.start(ready_timeout=10)
+            raws = [_raw(i) for i in range(20)]
+            await _all_answered_once(pool.submit_many([("k", r) for r in raws]), raws, timeout=20)
+            assert metrics.reconnects._value.get() >= 1
+        finally:
+            await pool.close()
+
+
+async def test_link_shaping_adds_the_configured_delay(sock_dir: Path, tmp_path: Path) -> None:
+    proc, url = start_enclave(sock_dir, "e0", tmp_path, handler="noop")
+
+    async def min_rtt(channel_url: str) -> float:
+        pool = EnclavePool(
+            [channel_url], PoolSettings(connections_per_enclave=1, channel=ChannelSettings(batch_window_s=0))
+        )
+        await pool.start(ready_timeout=10)
+        try:
+            best = 1e9
+            for i in range(5):
+                t0 = time.perf_counter()
+                await pool.submit("k", _raw(i))
+                best = min(best, time.perf_counter() - t0)
+            return best
+        finally:
+            await pool.close()
+
+    async def bulk_seconds(channel_url: str, raws: list[bytes]) -> float:
+        pool = EnclavePool([channel_url], PoolSettings(connections_per_enclave=1))
+        await pool.start(ready_timeout=10)
+        try:
+            t0 = time.perf_counter()
+            await asyncio.gather(*pool.submit_many([("k", r) for r in raws]))
+            return time.perf_counter() - t0
+        finally:
+            await pool.close()
+
+    try:
+        plain = await min_rtt(url)
+        shaped = await min_rtt(url + "?latency_ms=40")
+        assert plain < 0.040
+        assert shaped >= 0.080  # 40 ms each way
+        big = [
+            msgpack.packb({"v": 1, "request_id": f"r{i}", "key_id": "k", "scheme": "ed25519", "payload": bytes(1000)})
+            for i in range(400)
+        ]
+        # ~400 KB at 8 Mbit/s (1 MB/s) cannot take less than ~0.4 s
+        assert await bulk_seconds(url + "?bandwidth_mbps=8", big) >= 0.38
+    finally:
+        proc.stop()
