@@ -76,9 +76,15 @@ async def end_to_end(n: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
+    ap.add_argument("what", nargs="?", choices=["e2e", "channel"], default="e2e")
     ap.add_argument("-n", type=int, default=20000)
     args = ap.parse_args()
     configure_logging("bench", os.environ.get("SIGNER_LOG_LEVEL", "WARNING"))
+    if args.what == "channel":
+        from .channel import run_channel_bench
+
+        print(json.dumps(asyncio.run(run_channel_bench(args.n)), indent=2))
+        return
     raw = raw_sign_rate()
     e2e = asyncio.run(end_to_end(args.n))
     report = {"raw_sign_per_second_one_core": round(raw), **{k: round(v, 3) for k, v in e2e.items()}}

@@ -6,7 +6,7 @@ it knows which transport it talks to.
 
 - Requests are queued and coalesced into ``sign`` frames bounded by count,
   bytes and a small time window, never beyond the enclave's credits.
-- Results come back in batches and resolve the callers' futures by correlation id.
+- Results come back in batches and are matched to their requests by correlation id.
 - Heartbeats: a ping every interval; no frame at all from the enclave for
   ``dead_after_s`` means hung or dead, and the connection is dropped.
 - On loss, every request queued or in flight is handed back (``on_lost``) so
@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,15 +45,57 @@ class _Lost(Exception):
         self.reason = reason
 
 
+class Batch:
+    """The results of one submission, in request order; awaitable, done when all are answered.
+
+    One future per batch rather than per request: on the hot path a future, its
+    callback and a gather() per request cost more than moving the request.
+    """
+
+    __slots__ = ("future", "remaining", "results")
+
+    def __init__(self, n: int) -> None:
+        self.results: list[dict[str, Any] | None] = [None] * n
+        self.remaining = n
+        self.future: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        if n == 0:
+            self.future.set_result([])
+
+    def resolve(self, index: int, result: dict[str, Any]) -> None:
+        """Record a request's result; a second answer for the same request is ignored."""
+        if self.results[index] is not None:
+            return
+        self.results[index] = result
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():
+            self.future.set_result(self.results)  # type: ignore[arg-type]
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+    @property
+    def answered(self) -> int:
+        return len(self.results) - self.remaining
+
+    def __await__(self) -> Generator[Any, None, list[dict[str, Any]]]:
+        return self.future.__await__()
+
+
 @dataclass(slots=True)
 class Pending:
-    """One request on its way to an enclave, with the caller's future (resolved exactly once)."""
+    """One request on its way to an enclave; its result goes to batch.results[index], once."""
 
     key_id: str
     raw: bytes  # the SignRequest exactly as the producer encoded it
-    future: asyncio.Future[dict[str, Any]]
+    batch: Batch
+    index: int
     sent_at: float = 0.0
     attempts: int = 0
+
+    @property
+    def settled(self) -> bool:
+        return self.batch.results[self.index] is not None or self.batch.future.done()
 
 
 @dataclass(frozen=True)
@@ -103,7 +145,13 @@ class EnclaveConnection:
         self._last_rx = 0.0
         self.connected = False
         self.closed_reason = "not connected"
+        self._closing = False
         self._labels = {"channel": self.name}
+        m = self.metrics
+        self._m_credits = m.credits.labels(**self._labels)
+        self._m_frames_in = m.frames.labels(direction="in", **self._labels)
+        self._m_frames_out = m.frames.labels(direction="out", **self._labels)
+        self._m_bytes_out = m.frame_bytes.labels(direction="out", **self._labels)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -129,7 +177,7 @@ class EnclaveConnection:
         self.connected = True
         self.closed_reason = ""
         self.stats.connects += 1
-        self.metrics.credits.labels(**self._labels).set(credits)
+        self._m_credits.set(credits)
         log.info("channel_connected", channel=self.name, enclave_id=self.enclave_id, credits=credits)
 
     async def serve(self) -> str:
@@ -164,7 +212,7 @@ class EnclaveConnection:
         self.connected = False
         self.closed_reason = reason
         self.credits = 0
-        self.metrics.credits.labels(**self._labels).set(0)
+        self._m_credits.set(0)
         if self._writer is not None:
             self._writer.close()
         for fut in self._key_ops.values():
@@ -174,10 +222,14 @@ class EnclaveConnection:
         unanswered = list(self.inflight.values()) + list(self.queue)
         self.inflight.clear()
         self.queue.clear()
-        log.warning("channel_lost", channel=self.name, reason=reason, unanswered=len(unanswered))
+        if self._closing:
+            log.info("channel_closed", channel=self.name, unanswered=len(unanswered))
+        else:
+            log.warning("channel_lost", channel=self.name, reason=reason, unanswered=len(unanswered))
         self._on_lost(self, unanswered)
 
     async def close(self) -> None:
+        self._closing = True
         if self._writer is not None:
             self._writer.close()
             with contextlib.suppress(Exception):
@@ -234,10 +286,10 @@ class EnclaveConnection:
             data = frames.encode_frame({"t": frames.SIGN, "items": items}, s.max_frame_bytes)
             self.stats.frames_out += 1
             self.stats.requests_out += len(items)
-            self.metrics.frames.labels(direction="out", **self._labels).inc()
-            self.metrics.frame_bytes.labels(direction="out", **self._labels).inc(len(data))
+            self._m_frames_out.inc()
+            self._m_bytes_out.inc(len(data))
             self.metrics.batch_size.observe(len(items))
-            self.metrics.credits.labels(**self._labels).set(self.credits)
+            self._m_credits.set(self.credits)
             if outbound is not None:
                 outbound.push(data, len(data))
             else:
@@ -282,24 +334,27 @@ class EnclaveConnection:
         if type(items) is not list or type(credits) is not int or credits < 0:
             raise _Lost("malformed results frame")
         now = time.perf_counter()
-        m = self.metrics
-        self.metrics.frames.labels(direction="in", **self._labels).inc()
+        inflight = self.inflight
+        service: list[float] = []
+        transfer: list[float] = []
         for item in items:
             if type(item) is not list or len(item) != 2 or type(item[1]) is not dict:
                 raise _Lost("malformed result item")
-            p = self.inflight.pop(item[0], None)
+            p = inflight.pop(item[0], None)
             if p is None:
                 continue  # not ours (never sent, or already answered): ignore, never double-deliver
             result = item[1]
             timings = result.get("timings_us")
-            service_us = timings.get("enclave_service", 0) if type(timings) is dict else 0
-            rtt = now - p.sent_at
-            m.stage.labels("enclave_service").observe(service_us / 1e6)
-            m.stage.labels("channel_transfer").observe(max(0.0, rtt - service_us / 1e6))
-            if not p.future.done():
-                p.future.set_result(result)
+            svc = timings.get("enclave_service", 0) / 1e6 if type(timings) is dict else 0.0
+            service.append(svc)
+            transfer.append(max(0.0, now - p.sent_at - svc))
+            p.batch.resolve(p.index, result)
+        m = self.metrics
+        m.stage.observe_many("enclave_service", service)
+        m.stage.observe_many("channel_transfer", transfer)
+        self._m_frames_in.inc()
         self.credits += credits
-        m.credits.labels(**self._labels).set(self.credits)
+        self._m_credits.set(self.credits)
         if self.queue and self.credits > 0:
             self._work.set()
 

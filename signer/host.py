@@ -102,7 +102,7 @@ class HostWorker:
                 except SchemaError as exc:
                     acks.append(await self._to_dlq(rec, exc))
                     continue
-                self.metrics.stage.labels("kafka_wait").observe(max(0, now_ms - rec.timestamp) / 1000)
+                self.metrics.stage.observe("kafka_wait", max(0, now_ms - rec.timestamp) / 1000)
                 if req.deadline_ms is not None and req.deadline_ms <= now_ms:
                     expired = SignResult.failure(req.request_id, req.key_id, "expired", DEADLINE_PASSED,
                                              "deadline passed before the request reached an enclave")  # fmt: skip
@@ -111,15 +111,14 @@ class HostWorker:
                 to_sign.append((req, rec.value, max(0, now_ms - rec.timestamp)))
         if to_sign:
             t0 = time.perf_counter()
-            futures = self.pool.submit_many([(req.key_id, raw) for req, raw, _ in to_sign])
-            results = await asyncio.gather(*futures)
-            self.metrics.stage.labels("enclave_round_trip").observe(time.perf_counter() - t0)
+            results = await self.pool.submit_many([(req.key_id, raw) for req, raw, _ in to_sign])
+            self.metrics.stage.observe("enclave_round_trip", time.perf_counter() - t0)
             for res, (req, _, wait_ms) in zip(results, to_sign, strict=True):
                 res.setdefault("timings_us", {})["kafka_wait"] = wait_ms * 1000
                 acks.append(await self._publish(req, res))
         t0 = time.perf_counter()
         await asyncio.gather(*acks)  # every result durably written (acks=all) ...
-        self.metrics.stage.labels("result_publish").observe(time.perf_counter() - t0)
+        self.metrics.stage.observe("result_publish", time.perf_counter() - t0)
         # ... before the offsets that produced them are committed
         await self.consumer.commit({tp: OffsetAndMetadata(records[-1].offset + 1, "") for tp, records in batch.items()})
         self.metrics.in_flight.set(0)

@@ -2,11 +2,68 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )  # fmt: skip
+
+
+class _Series:
+    __slots__ = ("counts", "total")
+
+    def __init__(self, n: int) -> None:
+        self.counts = [0] * n
+        self.total = 0.0
+
+
+class StageHistogram(Collector):
+    """Per-stage latency histogram for the hot path, fed in batches.
+
+    prometheus_client's Histogram takes a lock and a label lookup per observation
+    (~7 us with labels); on the channel that cost more than moving the request.
+    This keeps plain bucket counts per label, updated by one event-loop thread,
+    and exports them as a normal Prometheus histogram.
+    """
+
+    def __init__(self, name: str, doc: str, label: str, buckets: tuple[float, ...], registry: CollectorRegistry):
+        self.name, self.doc, self.label = name, doc, label
+        self.bounds = list(buckets)
+        self._series: dict[str, _Series] = {}
+        registry.register(self)
+
+    def series(self, value: str) -> _Series:
+        s = self._series.get(value)
+        if s is None:
+            s = self._series[value] = _Series(len(self.bounds) + 1)
+        return s
+
+    def observe(self, value: str, seconds: float) -> None:
+        s = self.series(value)
+        s.counts[bisect_left(self.bounds, seconds)] += 1
+        s.total += seconds
+
+    def observe_many(self, value: str, seconds: Iterable[float]) -> None:
+        s = self.series(value)
+        counts, bounds = s.counts, self.bounds
+        for x in seconds:
+            counts[bisect_left(bounds, x)] += 1
+            s.total += x
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        fam = HistogramMetricFamily(self.name, self.doc, labels=[self.label])
+        for value, s in sorted(self._series.items()):
+            cumulative, buckets = 0, []
+            for bound, c in zip([*self.bounds, float("inf")], s.counts, strict=True):
+                cumulative += c
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            fam.add_metric([value], buckets, s.total)
+        yield fam
 
 
 class HostMetrics:
@@ -18,10 +75,9 @@ class HostMetrics:
             ["scheme", "status"], registry=r,
         )  # fmt: skip
         self.dlq = Counter("signer_dlq_records", "Inputs sent to the DLQ, by reason", ["reason"], registry=r)
-        self.stage = Histogram(
-            "signer_stage_seconds", "Time spent per pipeline stage", ["stage"],
-            buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+        self.stage = StageHistogram(
+            "signer_stage_seconds", "Time spent per pipeline stage", "stage", _LATENCY_BUCKETS, r
+        )
         self.batch_size = Histogram(
             "signer_frame_batch_size", "Requests per frame sent to an enclave",
             buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500), registry=r,

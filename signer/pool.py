@@ -5,7 +5,7 @@ connect and from keys.create), else by rendezvous hashing over the live
 enclaves, so an enclave's key cache stays hot; within an enclave, to the
 connection with the least work. Connections are supervised: reconnect with
 jittered exponential backoff; requests on a lost connection are re-dispatched
-to a live one. A request's future is resolved exactly once.
+to a live one. Each request is answered exactly once to its caller.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import structlog
 
 from schemas import frames
 
-from .channel import ChannelClosed, ChannelSettings, EnclaveConnection, Pending
+from .channel import Batch, ChannelClosed, ChannelSettings, EnclaveConnection, Pending
 from .metrics import HostMetrics
 
 log = structlog.get_logger("pool")
@@ -50,6 +50,8 @@ class EnclavePool:
                 for i in range(self.settings.connections_per_enclave)
             ]
         self.directory: dict[str, str] = {}  # key_id -> enclave url
+        self._live_urls: list[str] = []
+        self._affinity: dict[str, str] = {}  # key_id -> rendezvous choice among _live_urls
         self.backlog: deque[Pending] = deque()  # accepted while no connection was live
         self._closing = False
         self._runner: asyncio.Task[None] | None = None
@@ -80,8 +82,7 @@ class EnclavePool:
         leftovers = list(self.backlog)
         self.backlog.clear()
         for p in leftovers:
-            if not p.future.done():
-                p.future.set_exception(ChannelClosed("enclave pool closed"))
+            p.batch.fail(ChannelClosed("enclave pool closed"))
 
     async def _run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -145,7 +146,11 @@ class EnclavePool:
         return not any(c.credits > 0 for c in self.live())
 
     def _refresh_gauges(self) -> None:
-        self.metrics.enclaves_connected.set(sum(1 for url in self.groups if self.live(url)))
+        live_urls = [url for url in self.groups if self.live(url)]
+        if live_urls != self._live_urls:
+            self._live_urls = live_urls
+            self._affinity.clear()  # the set of enclaves changed: hash again
+        self.metrics.enclaves_connected.set(len(live_urls))
         if self.queued < self.settings.max_queued:
             self._capacity.set()
         else:
@@ -158,44 +163,55 @@ class EnclavePool:
 
     # -- work ----------------------------------------------------------------------------
 
-    def submit(self, key_id: str, raw: bytes) -> asyncio.Future[dict[str, Any]]:
-        """Queue one SignRequest (as encoded bytes); the future gets its result map."""
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    def submit_many(self, items: list[tuple[str, bytes]]) -> Batch:
+        """Queue SignRequests (key_id, encoded bytes); await the Batch for their results, in order."""
+        batch = Batch(len(items))
         if self._closing:
-            fut.set_exception(ChannelClosed("enclave pool closed"))
-            return fut
-        self._route(Pending(key_id, raw, fut))
-        return fut
-
-    def submit_many(self, items: list[tuple[str, bytes]]) -> list[asyncio.Future[dict[str, Any]]]:
-        futures = [self.submit(key_id, raw) for key_id, raw in items]
+            batch.fail(ChannelClosed("enclave pool closed"))
+            return batch
+        route = self._route
+        for i, (key_id, raw) in enumerate(items):
+            route(Pending(key_id, raw, batch, i))
         self._refresh_gauges()
-        return futures
+        return batch
+
+    async def sign(self, key_id: str, raw: bytes) -> dict[str, Any]:
+        """One request; for convenience (the hot path submits batches)."""
+        return (await self.submit_many([(key_id, raw)]))[0]
 
     def _route(self, p: Pending) -> None:
         url = self.directory.get(p.key_id)
-        conns = self.live(url) if url is not None else []
+        conns = [c for c in self.groups[url] if c.connected] if url is not None else []
         if not conns:
-            # rendezvous hashing over live enclaves keeps a key on one enclave while it lives
-            urls = [u for u in self.groups if self.live(u)]
-            if not urls:
+            url = self._affinity.get(p.key_id)
+            if url is None:
+                if not self._live_urls:
+                    self.backlog.append(p)
+                    return
+                # rendezvous hashing over live enclaves keeps a key on one enclave while it lives
+                url = max(self._live_urls, key=lambda u: _score(p.key_id, u))
+                if len(self._affinity) > 100_000:
+                    self._affinity.clear()
+                self._affinity[p.key_id] = url
+            conns = [c for c in self.groups[url] if c.connected]
+            if not conns:  # went down since the last refresh: hash again over what is live
+                self._refresh_gauges()
                 self.backlog.append(p)
+                if self._live_urls:
+                    self._on_up()
                 return
-            url = max(urls, key=lambda u: _score(p.key_id, u))
-            conns = self.live(url)
         min(conns, key=lambda c: c.load - c.credits).enqueue(p)
 
     def _on_lost(self, conn: EnclaveConnection, unanswered: list[Pending]) -> None:
         self._refresh_gauges()
         if self._closing:
             for p in unanswered:
-                if not p.future.done():
-                    p.future.set_exception(ChannelClosed("enclave pool closed"))
+                p.batch.fail(ChannelClosed("enclave pool closed"))
             return
         if unanswered:
             self.metrics.redispatched.inc(len(unanswered))
         for p in unanswered:
-            if p.future.done():
+            if p.settled:
                 continue
             p.attempts += 1
             self._route(p)

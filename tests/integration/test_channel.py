@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 import msgpack
+import pytest
 
 from schemas import frames
-from signer.channel import ChannelSettings
+from signer.channel import Batch, ChannelSettings
 from signer.metrics import HostMetrics
 from signer.pool import EnclavePool, PoolSettings
 from tests.enclaves import ScriptedEnclave, start_enclave, wait_until
@@ -35,11 +36,9 @@ def _settings(**channel: object) -> PoolSettings:
     )  # type: ignore[arg-type]
 
 
-async def _all_answered_once(
-    futures: list[asyncio.Future[dict[str, object]]], raws: list[bytes], timeout: float = 60
-) -> None:
+async def _all_answered_once(batch: Batch, raws: list[bytes], timeout: float = 60) -> None:
     async with asyncio.timeout(timeout):
-        results = await asyncio.gather(*futures)
+        results = await batch
     assert len(results) == len(raws)
     for i, (raw, res) in enumerate(zip(raws, results, strict=True)):
         assert res["request_id"] == f"r{i}" and res["signature"] == hashlib.sha256(raw).digest(), res
@@ -81,7 +80,7 @@ async def test_no_credit_means_nothing_more_is_sent(sock_dir: Path) -> None:
         try:
             await pool.start(ready_timeout=10)
             raws = [_raw(i) for i in range(50)]
-            futures = pool.submit_many([("k", r) for r in raws])
+            batch = pool.submit_many([("k", r) for r in raws])
             await enclave.wait_received(5)
             conn = pool.connections[0]
             # the host holds the rest: 5 in flight (all its credit), 45 queued, saturated
@@ -96,7 +95,7 @@ async def test_no_credit_means_nothing_more_is_sent(sock_dir: Path) -> None:
             await asyncio.sleep(0)  # let the host observe its own state
             assert (len(conn.inflight), len(conn.queue), conn.credits) == (5, 42, 0)
             assert len(enclave.received) == 8
-            assert sum(f.done() for f in futures) == 3
+            assert batch.answered == 3
         finally:
             await pool.close()
 
@@ -110,14 +109,14 @@ async def test_killing_an_enclave_mid_load_loses_no_request(sock_dir: Path, tmp_
         await pool.start(ready_timeout=10)
         await wait_until(lambda: len(pool.live()) == 4, what="four live connections")
         raws = [_raw(i) for i in range(30_000)]
-        futures = pool.submit_many([(f"k{i % 97}", r) for i, r in enumerate(raws)])
+        batch = pool.submit_many([(f"k{i % 97}", r) for i, r in enumerate(raws)])
         # kill e0 while it has work in flight
         await wait_until(
-            lambda: any(c.inflight for c in pool.live(u0)) and sum(f.done() for f in futures) >= 2000,
+            lambda: any(c.inflight for c in pool.live(u0)) and batch.answered >= 2000,
             what="e0 busy mid-load",
         )
         p0.stop(signal.SIGKILL)
-        await _all_answered_once(futures, raws)
+        await _all_answered_once(batch, raws)
         assert metrics.redispatched._value.get() > 0  # some requests really were re-dispatched
         assert not pool.live(u0) and len(pool.live(u1)) == 2
     finally:
@@ -136,9 +135,9 @@ async def test_reconnects_after_the_enclave_restarts(sock_dir: Path, tmp_path: P
         proc.stop(signal.SIGKILL)
         await wait_until(lambda: not pool.live(), what="the connections to notice the kill")
         # accepted while no enclave is up: held, not failed
-        futures = pool.submit_many([("k", r) for r in raws])
+        batch = pool.submit_many([("k", r) for r in raws])
         proc, _ = start_enclave(sock_dir, "e0", tmp_path, handler="noop")
-        await _all_answered_once(futures, raws, timeout=30)
+        await _all_answered_once(batch, raws, timeout=30)
         assert metrics.reconnects._value.get() >= 1
     finally:
         await pool.close()
@@ -165,26 +164,42 @@ async def test_a_hung_enclave_is_detected_and_its_work_moves(sock_dir: Path, tmp
         p1.stop()
 
 
-async def test_a_corrupt_frame_from_the_enclave_drops_only_that_connection(sock_dir: Path) -> None:
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00\x00\x00\x03\xc1\xc1\xc1",  # a body that is not msgpack
+        b"\xff\xff\xff\xf0",  # announces an oversized frame
+        frames.encode_frame({"t": "surprise"}),  # unknown frame type
+        frames.encode_frame({"t": frames.RESULTS, "items": "nope", "credits": 1}),
+        frames.encode_frame({"t": frames.RESULTS, "items": [[1, "not a map"]], "credits": 1}),
+        frames.encode_frame({"t": frames.RESULTS, "items": [], "credits": -5}),
+        frames.encode_frame({"t": frames.ERROR, "code": "boom", "message": "enclave gave up"}),
+    ],
+)
+async def test_a_corrupt_frame_from_the_enclave_drops_only_that_connection(sock_dir: Path, garbage: bytes) -> None:
+    state = {"corrupted": False}
+
     async def corrupt_first_sign(
         enclave: ScriptedEnclave, body: dict[str, object], writer: asyncio.StreamWriter
     ) -> None:
-        if body["t"] == frames.SIGN and not getattr(enclave, "corrupted", False):
-            enclave.corrupted = True  # type: ignore[attr-defined]
-            writer.write(b"\x00\x00\x00\x03\xc1\xc1\xc1")  # a frame that is not msgpack
-        elif body["t"] == frames.SIGN:
-            items = body["items"]
-            await enclave.send(
-                {
-                    "t": frames.RESULTS,
-                    "credits": len(items),
-                    "items": [
-                        [c, {"request_id": msgpack.unpackb(r)["request_id"], "signature": hashlib.sha256(r).digest()}]
-                        for c, r in items
-                    ],
-                },
-                writer,
-            )  # type: ignore[union-attr]
+        if body["t"] != frames.SIGN:
+            return
+        if not state["corrupted"]:
+            state["corrupted"] = True
+            writer.write(garbage)
+            return
+        items = body["items"]
+        await enclave.send(
+            {
+                "t": frames.RESULTS,
+                "credits": len(items),
+                "items": [
+                    [c, {"request_id": msgpack.unpackb(r)["request_id"], "signature": hashlib.sha256(r).digest()}]
+                    for c, r in items
+                ],
+            },
+            writer,
+        )  # type: ignore[union-attr]
 
     async with ScriptedEnclave(sock_dir / "s.sock", credits=100, on_frame=corrupt_first_sign) as enclave:
         metrics = HostMetrics()
@@ -193,7 +208,7 @@ async def test_a_corrupt_frame_from_the_enclave_drops_only_that_connection(sock_
             await pool.start(ready_timeout=10)
             raws = [_raw(i) for i in range(20)]
             await _all_answered_once(pool.submit_many([("k", r) for r in raws]), raws, timeout=20)
-            assert metrics.reconnects._value.get() >= 1
+            assert state["corrupted"] and metrics.reconnects._value.get() >= 1
         finally:
             await pool.close()
 
@@ -210,7 +225,7 @@ async def test_link_shaping_adds_the_configured_delay(sock_dir: Path, tmp_path: 
             best = 1e9
             for i in range(5):
                 t0 = time.perf_counter()
-                await pool.submit("k", _raw(i))
+                await pool.sign("k", _raw(i))
                 best = min(best, time.perf_counter() - t0)
             return best
         finally:
@@ -221,7 +236,7 @@ async def test_link_shaping_adds_the_configured_delay(sock_dir: Path, tmp_path: 
         await pool.start(ready_timeout=10)
         try:
             t0 = time.perf_counter()
-            await asyncio.gather(*pool.submit_many([("k", r) for r in raws]))
+            await pool.submit_many([("k", r) for r in raws])
             return time.perf_counter() - t0
         finally:
             await pool.close()

@@ -41,10 +41,10 @@ async def test_hello_then_batched_signatures(enclave: str) -> None:
         assert conn.enclave_id == "enc-t" and conn.credits == 64
         key = (await pool.key_op("keys.create", {"scheme": "secp256k1"}))["result"]
         digests = [os.urandom(32) for _ in range(200)]
-        futures = pool.submit_many(
+        batch = pool.submit_many(
             [(key["key_id"], _req(f"r{i}", key["key_id"], "secp256k1_digest", d)) for i, d in enumerate(digests)]
         )
-        results = [await f for f in futures]
+        results = await batch
         assert [r["request_id"] for r in results] == [f"r{i}" for i in range(200)]
         for d, res in zip(digests, results, strict=True):
             sig = res["signature"]
@@ -70,7 +70,7 @@ async def test_refusals_are_results_with_codes(enclave: str) -> None:
             _req("invalid", k, "ed25519", 7),
             b"\xc1 not msgpack",
         ]
-        res = [await f for f in pool.submit_many([(k, r) for r in raws])]
+        res = await pool.submit_many([(k, r) for r in raws])
         got = [(r["status"], r["error"]["code"]) for r in res]
         assert got == [
             ("error", "unknown_key"),
