@@ -109,11 +109,11 @@ async def _host() -> int:
     run = asyncio.create_task(host.run())
     stop = asyncio.create_task(_until_signal())
     await asyncio.wait({run, stop}, return_when=asyncio.FIRST_COMPLETED)
-    host.stop()
     stop.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await stop
-    await run
+    await host.stop_within(run, cfg.shutdown_timeout_s)
+    run.result()  # re-raise a failure of the loop
     await runner.cleanup()
     return 0
 

@@ -137,15 +137,12 @@ class LocalCluster:
     async def wait(self) -> None:
         """Return when the host worker's loop ends (it re-raises the loop's failure)."""
         assert self._run is not None
-        await self._run
+        await asyncio.shield(self._run)  # a cancelled waiter must not cancel the host loop itself
 
     async def aclose(self) -> None:
         # shutdown order: stop fetching and drain the host, then the enclave, then Kafka
-        if self.host is not None:
-            self.host.stop()
-        if self._run is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._run
+        if self.host is not None and self._run is not None:
+            await self.host.stop_within(self._run, self.config.shutdown_timeout_s if self.config else 30.0)
             self._run = None
         if self._http is not None:
             await self._http.cleanup()

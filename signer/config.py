@@ -41,6 +41,7 @@ class HostConfig:
     http_port: int = 9464
     pool: PoolSettings = field(default_factory=PoolSettings)
     enclave_wait_s: float = 30.0
+    shutdown_timeout_s: float = 30.0
 
     @classmethod
     def from_env(cls, **overrides: object) -> HostConfig:
@@ -74,6 +75,7 @@ class HostConfig:
                 ),
             ),
             enclave_wait_s=_int("SIGNER_ENCLAVE_WAIT_S", 30),
+            shutdown_timeout_s=_int("SIGNER_SHUTDOWN_TIMEOUT_S", 30),
         )
         for k, v in overrides.items():
             setattr(cfg, k, v)

@@ -11,6 +11,7 @@ result carries the same bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -74,6 +75,22 @@ class HostWorker:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def stop_within(self, run: asyncio.Task[None], timeout: float) -> None:
+        """Graceful stop: finish the batch in hand and commit; past the timeout, cancel.
+
+        Cancelling loses nothing: uncommitted requests are redelivered to the next
+        owner of their partitions, and signing them again yields the same bytes.
+        """
+        self.stop()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(run)
+        except TimeoutError:
+            log.warning("shutdown_timeout", timeout_s=timeout, in_flight=self.pool.in_flight + self.pool.queued)
+            run.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run
 
     async def _close(self) -> None:
         self.kafka_ready = False
