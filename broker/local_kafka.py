@@ -123,6 +123,15 @@ def api_versions_ok(host: str, port: int, timeout: float = 1.0) -> bool:
     return correlation_id == 7 and error_code == 0
 
 
+def new_cluster_id() -> str:
+    """A Kafka cluster id: base64url of 16 random bytes. Like Kafka's Uuid.randomUuid(),
+    never one that starts with "-" (the storage tool's argument parser reads it as an option)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
 def _recv_exact(s: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -179,7 +188,7 @@ class LocalKafka:
         java = self._java_cmd(libs, log4j)
         meta = self.data_dir / "kraft-logs" / "meta.properties"
         if not meta.exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = new_cluster_id()
             fmt = subprocess.run(
                 [*java, "kafka.tools.StorageTool", "format", "--standalone",
                  "-t", cluster_id, "-c", str(props)],
