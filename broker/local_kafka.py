@@ -36,6 +36,10 @@ KAFKA_VERSION = "4.0.2"
 DOCKER_ALTERNATIVE = "or run `docker compose up kafka` and set KAFKA_BOOTSTRAP=127.0.0.1:9092"
 
 
+class _PortTaken(Exception):
+    """The broker lost the race for a port picked a moment before."""
+
+
 class KafkaUnavailable(RuntimeError):
     """The local broker cannot be provisioned or started; the message says why in one line."""
 
@@ -172,6 +176,22 @@ class LocalKafka:
         return self.data_dir / "logs" / "server.log"
 
     def start(self) -> LocalKafka:
+        """Provision, format, start and wait until ready. Ports are picked free just before
+        the JVM binds them; if another process takes one in between, try other ports."""
+        fixed_port = self.port is not None
+        for attempt in range(3):
+            try:
+                return self._start_once()
+            except _PortTaken:
+                if fixed_port or attempt == 2:
+                    raise KafkaUnavailable(f"kafka could not bind its ports: {self._log_tail()}") from None
+                self.port = None
+                # the storage was formatted for the old controller port: format again
+                assert self.data_dir is not None
+                shutil.rmtree(self.data_dir / "kraft-logs", ignore_errors=True)
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> LocalKafka:
         libs = provision(self.version, self.cache_dir)
         t0 = time.monotonic()
         if self.data_dir is None:
@@ -208,6 +228,9 @@ class LocalKafka:
         deadline = time.monotonic() + self.start_timeout
         while not api_versions_ok(self.host, self.port):
             if self._proc.poll() is not None:
+                if self._logs_contain("Address already in use"):
+                    self._proc = None
+                    raise _PortTaken()
                 raise KafkaUnavailable(
                     f"kafka exited with {self._proc.returncode} during start-up; "
                     f"see {self.data_dir / 'logs'}: {self._log_tail()}"
@@ -280,8 +303,17 @@ class LocalKafka:
             ]
         )
 
+    def _logs(self) -> list[str]:
+        lines: list[str] = []
+        for name in ("server.log", "kafkaServer.out"):
+            with contextlib.suppress(OSError, TypeError):
+                lines += (self.data_dir / "logs" / name).read_text(errors="replace").splitlines()  # type: ignore[operator]
+        return lines
+
+    def _logs_contain(self, text: str) -> bool:
+        return any(text in line for line in self._logs())
+
     def _log_tail(self) -> str:
-        with contextlib.suppress(OSError):
-            lines = (self.data_dir / "logs" / "kafkaServer.out").read_text().splitlines()  # type: ignore[operator]
-            return " | ".join(lines[-3:])
-        return ""
+        """The broker's last error lines, for one-line error messages."""
+        errors = [line for line in self._logs() if " ERROR " in line or "Exception" in line]
+        return " | ".join(errors[-3:])[-1500:]

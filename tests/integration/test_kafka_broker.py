@@ -108,3 +108,15 @@ def test_stop_ends_the_broker_process(tmp_path: os.PathLike[str]) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert broker.port is not None and not api_versions_ok(broker.host, broker.port)
+
+
+def test_a_fixed_port_that_is_taken_is_a_clear_error(tmp_path: os.PathLike[str]) -> None:
+    import socket
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        broker = LocalKafka(data_dir=tmp_path, port=squatter.getsockname()[1])  # type: ignore[arg-type]
+        with pytest.raises(KafkaUnavailable, match="could not bind its ports"):
+            broker.start()
+        assert broker.pid is None  # nothing left running
