@@ -101,3 +101,15 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what:
                 await asyncio.sleep(0.002)
     except TimeoutError:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+
+
+DEV_CREDS = {
+    "SIGNER_KMS_ACCESS_KEY_ID": "AKIADEVKMS000000000",
+    "SIGNER_KMS_SECRET_ACCESS_KEY": "devkms-secret-access-key",
+}
+
+
+def start_devkms(data_dir: Path, log_dir: Path, env: dict[str, str] | None = None) -> tuple[Proc, str]:
+    proc = Proc(["devkms", "--data-dir", str(data_dir)], env=env, log=log_dir / "devkms.log")
+    line = proc.wait_for_line("READY")
+    return proc, line.split()[1]
