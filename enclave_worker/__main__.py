@@ -1,4 +1,8 @@
-"""python -m enclave_worker --listen unix:///tmp/enclave.sock [--enclave-id ID]"""
+"""python -m enclave_worker --listen URL [options]: serve signing frames (see --help).
+
+`python -m enclave_worker --measure` prints the dev measurement (PCR0) of this code,
+which goes into the keyring KMS key's policy.
+"""
 
 from __future__ import annotations
 
@@ -9,41 +13,91 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 from schemas.logs import configure_logging
 from schemas.transport import TransportUrlError, parse_channel_url
 
 from .server import EnclaveServer
+from .vault import Vault, VaultSettings
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="enclave_worker", description="Serve signing frames.")
-    ap.add_argument("--listen", default=os.environ.get("ENCLAVE_LISTEN", "vsock://4294967295:5000"),
+    ap = argparse.ArgumentParser(prog="python -m enclave_worker", description="Serve signing frames.")
+    ap.add_argument("--listen", default=_env("ENCLAVE_LISTEN", "vsock://4294967295:5000"),
                     help="vsock://CID:PORT, unix:///path or tcp://host:port")  # fmt: skip
-    ap.add_argument("--enclave-id", default=os.environ.get("ENCLAVE_ID", socket.gethostname()))
-    ap.add_argument("--credits", type=int, default=int(os.environ.get("ENCLAVE_CREDITS", "4096")),
+    ap.add_argument("--enclave-id", default=_env("ENCLAVE_ID", socket.gethostname()))
+    ap.add_argument("--credits", type=int, default=int(_env("ENCLAVE_CREDITS", "4096")),
                     help="requests the host may have in flight per connection")  # fmt: skip
-    ap.add_argument("--handler", choices=["sign", "noop"], default=os.environ.get("ENCLAVE_HANDLER", "sign"),
+    ap.add_argument("--handler", choices=["sign", "noop"], default=_env("ENCLAVE_HANDLER", "sign"),
                     help="noop: answer without signing (channel benchmarks and tests only)")  # fmt: skip
+    ap.add_argument("--kms-endpoint", default=_env("SIGNER_KMS_ENDPOINT", ""),
+                    help="KMS URL (on Nitro: the local end of the vsock proxy)")  # fmt: skip
+    ap.add_argument("--kms-region", default=_env("SIGNER_KMS_REGION", "us-east-1"))
+    ap.add_argument("--attestation", choices=["nsm", "dev"], default=_env("ENCLAVE_ATTESTATION", "nsm"))
+    ap.add_argument("--dev-pki", default=_env("ENCLAVE_DEV_PKI", ""), help="dev PKI directory (dev attestation)")
+    ap.add_argument("--measure", action="store_true", help="print this code's dev PCR0 (hex) and exit")
     args = ap.parse_args(argv)
+    if args.measure:
+        from .attestation import measure_enclave_code
+
+        print(measure_enclave_code().hex())
+        return 0
     try:
         parse_channel_url(args.listen)
     except TransportUrlError as exc:
-        print(f"enclave_worker: {exc}", file=sys.stderr)
-        return 2
-    configure_logging("enclave_worker")
+        return _fail(str(exc))
     if args.credits < 1:
-        print("enclave_worker: --credits must be at least 1", file=sys.stderr)
-        return 2
-    asyncio.run(_run(args.listen, args.enclave_id, args.credits, args.handler))
+        return _fail("--credits must be at least 1")
+    configure_logging("enclave_worker")
+    vault = None
+    if args.handler == "sign":
+        if not args.kms_endpoint:
+            return _fail("--kms-endpoint (SIGNER_KMS_ENDPOINT) is required to unwrap keyrings")
+        if args.attestation == "dev" and not (Path(args.dev_pki) / "root.der").exists():
+            return _fail(f"--dev-pki {args.dev_pki!r} holds no dev PKI (start the dev KMS first: python -m devkms)")
+        vault = _vault(args)
+    asyncio.run(_run(EnclaveServer(args.listen, args.enclave_id, args.credits, args.handler, vault)))
     return 0
 
 
-async def _run(url: str, enclave_id: str, credits: int, handler: str) -> None:
-    server = EnclaveServer(url, enclave_id, credits, handler)
+def _fail(message: str) -> int:
+    print(f"enclave_worker: {message}", file=sys.stderr)
+    return 2
+
+
+def _vault(args: argparse.Namespace) -> Vault:
+    from .attestation import AttestationProvider, DevProvider, NsmProvider
+    from .kms import KmsClient, KmsConfig
+
+    kms = KmsClient(
+        KmsConfig(
+            args.kms_endpoint,
+            region=args.kms_region,
+            access_key_id=_env("SIGNER_KMS_ACCESS_KEY_ID", ""),
+            secret_access_key=_env("SIGNER_KMS_SECRET_ACCESS_KEY", ""),
+            session_token=os.environ.get("SIGNER_KMS_SESSION_TOKEN"),
+        )
+    )
+    provider: AttestationProvider = DevProvider(Path(args.dev_pki)) if args.attestation == "dev" else NsmProvider()
+    settings = VaultSettings(
+        max_concurrent_unwraps=int(_env("ENCLAVE_MAX_CONCURRENT_UNWRAPS", "4")),
+        unwrap_timeout_s=float(_env("ENCLAVE_UNWRAP_TIMEOUT_S", "30")),
+        cache_entries=int(_env("ENCLAVE_DEK_CACHE_ENTRIES", "1024")),
+        cache_ttl_s=float(_env("ENCLAVE_DEK_TTL_S", "3600")),
+        cache_max_uses=int(_env("ENCLAVE_DEK_MAX_USES", "10000000")),
+    )
+    return Vault(kms, provider, settings)
+
+
+async def _run(server: EnclaveServer) -> None:
     await server.start()
     # readiness signal for the process that started us: one line on stdout
-    print(f"READY {url}", flush=True)
+    print(f"READY {server.url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

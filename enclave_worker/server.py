@@ -20,8 +20,10 @@ import structlog
 from schemas import frames
 from schemas.transport import serve_channel
 
-from .service import SigningService
-from .wallets import WalletStore
+from .keyring import KeyringEnvelope, SealedKey
+from .service import Deferred, SigningService
+from .vault import Vault, VaultError
+from .wallets import KEY_SCHEMES
 
 log = structlog.get_logger("enclave")
 
@@ -55,18 +57,22 @@ def noop_batch(items: list[Any]) -> list[list[Any]]:
 
 
 class EnclaveServer:
-    def __init__(self, url: str, enclave_id: str, credits: int = 4096, handler: str = "sign") -> None:
+    def __init__(
+        self, url: str, enclave_id: str, credits: int = 4096, handler: str = "sign", vault: Vault | None = None
+    ) -> None:
+        if handler == "sign" and vault is None:
+            raise ValueError("the sign handler needs a vault (KMS endpoint and attestation provider)")
         self.url = url
         self.enclave_id = enclave_id
         self.credits = credits
-        self.wallets = WalletStore()
-        self.service = SigningService(enclave_id, self.wallets)
-        self._sign_batch: BatchHandler = self.service.sign_batch if handler == "sign" else noop_batch
+        self.handler = handler
+        self.vault = vault
+        self.service = SigningService(enclave_id, vault) if vault is not None else None
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
         self._server = await serve_channel(self.url, self._on_connection)
-        log.info("enclave_listening", url=self.url, enclave_id=self.enclave_id)
+        log.info("enclave_listening", url=self.url, enclave_id=self.enclave_id, handler=self.handler)
 
     async def serve_forever(self) -> None:
         assert self._server is not None
@@ -77,9 +83,29 @@ class EnclaveServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        if self.vault is not None:
+            await self.vault.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for the host to export (the enclave has no network of its own)."""
+        if self.vault is None:
+            return {}
+        v = self.vault
+        return {
+            **{k: int(n) for k, n in v.stats.items()},
+            "kms_calls": v.kms.calls,
+            "kms_throttles": v.kms.throttles,
+            "unwrap_seconds": round(v.unwrap_seconds, 6),
+            "cache_hits": v.cache.hits,
+            "cache_misses": v.cache.misses,
+            "cache_evictions": v.cache.evictions,
+            "cache_entries": len(v.cache),
+            "keys_loaded": len(v.sealed),
+        }
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         frames.limit_write_buffer(writer)
+        conn = _Connection(self, writer)
         try:
             hello = {
                 "t": frames.HELLO,
@@ -87,27 +113,51 @@ class EnclaveServer:
                 "enclave_id": self.enclave_id,
                 "credits": self.credits,
             }
-            await frames.write_frame(writer, frames.encode_frame(hello))
+            await conn.send(hello)
             while True:
-                body = await frames.read_frame(reader)
-                reply = self._handle(body)
-                if reply is not None:
-                    await frames.write_frame(writer, frames.encode_frame(reply))
+                await conn.handle(await frames.read_frame(reader))
         except asyncio.IncompleteReadError:
             log.info("channel_closed")
         except frames.FrameError as exc:
             log.warning("channel_dropped", reason=exc.code, detail=str(exc))
             with contextlib.suppress(Exception):
-                error = {"t": frames.ERROR, "code": exc.code, "message": str(exc)[:200]}
-                await frames.write_frame(writer, frames.encode_frame(error))
+                await conn.send({"t": frames.ERROR, "code": exc.code, "message": str(exc)[:200]})
         except ConnectionError as exc:
             log.info("channel_lost", error=type(exc).__name__)
         finally:
+            await conn.cancel_tasks()  # the host re-dispatches what was not answered
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    def _handle(self, body: dict[str, Any]) -> dict[str, Any] | None:
+
+class _Connection:
+    """One host connection: frames out under a lock, and the tasks serving its slow requests."""
+
+    def __init__(self, server: EnclaveServer, writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.writer = writer
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def send(self, body: dict[str, Any]) -> None:
+        data = frames.encode_frame(body)
+        async with self._lock:
+            await frames.write_frame(self.writer, data)
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def cancel_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+    async def handle(self, body: dict[str, Any]) -> None:
         t = body["t"]
         if t == frames.SIGN:
             items = body.get("items")
@@ -115,28 +165,80 @@ class EnclaveServer:
                 type(i) is list and len(i) == 2 and type(i[0]) is int and type(i[1]) is bytes for i in items
             ):
                 raise frames.FrameError("corrupt_frame", "sign frame items must be [[int, bytes], ...]")
+            service = self.server.service
+            if service is None:
+                await self.send({"t": frames.RESULTS, "items": noop_batch(items), "credits": len(items)})
+                return
+            ready, deferred = service.sign_batch(items)
             # credits come back with the results: the host may send this many more
-            return {"t": frames.RESULTS, "items": self._sign_batch(items), "credits": len(items)}
-        if t == frames.PING:
-            return {"t": frames.PONG, "id": body.get("id")}
-        if t == frames.KEY_OP:
-            return self._key_op(body)
-        raise frames.FrameError("unknown_frame", f"unexpected frame type {t[:32]!r}")
+            if ready:
+                await self.send({"t": frames.RESULTS, "items": ready, "credits": len(ready)})
+            if deferred:
+                self.spawn(self._finish_deferred(service, deferred))
+        elif t == frames.PING:
+            await self.send({"t": frames.PONG, "id": body.get("id"), "stats": self.server.stats()})
+        elif t == frames.KEY_OP:
+            self.spawn(self._key_op(body))
+        else:
+            raise frames.FrameError("unknown_frame", f"unexpected frame type {t[:32]!r}")
 
-    def _key_op(self, body: dict[str, Any]) -> dict[str, Any]:
-        op, args = body.get("op"), body.get("args")
+    async def _finish_deferred(self, service: SigningService, deferred: list[Deferred]) -> None:
+        results = await service.sign_deferred(deferred)
+        await self.send({"t": frames.RESULTS, "items": results, "credits": len(results)})
+
+    async def _key_op(self, body: dict[str, Any]) -> None:
         reply: dict[str, Any] = {"t": frames.KEY_OP_RESULT, "id": body.get("id")}
-        if type(args) is not dict:
-            args = {}
         try:
-            if op == "keys.create":
-                wallet = self.wallets.create(str(args.get("scheme")))
-                log.info("key_created", key_id=wallet.key_id, scheme=wallet.scheme)
-                reply.update(ok=True, result=wallet.describe())
-            elif op == "keys.list":
-                reply.update(ok=True, result={"keys": [w.describe() for w in self.wallets.list()]})
-            else:
-                reply.update(ok=False, error={"code": "unknown_op", "message": f"unknown op {str(op)[:40]!r}"})
-        except ValueError as exc:
-            reply.update(ok=False, error={"code": "invalid_argument", "message": str(exc)})
-        return reply
+            reply.update(ok=True, result=await self._run_op(body.get("op"), body.get("args")))
+        except VaultError as exc:
+            reply.update(ok=False, error={"code": exc.code, "message": exc.message})
+        except (ValueError, TypeError, KeyError) as exc:
+            reply.update(ok=False, error={"code": "invalid_argument", "message": str(exc)[:200]})
+        await self.send(reply)
+
+    async def _run_op(self, op: Any, args: Any) -> dict[str, Any]:
+        vault = self.server.vault
+        if vault is None:
+            raise VaultError("unsupported", "this enclave worker has no vault (noop handler)")
+        if type(args) is not dict:
+            raise ValueError("args must be a map")
+        if op == "keyrings.load":
+            envelopes = [KeyringEnvelope.from_wire(m) for m in args.get("envelopes", [])]
+            keys = [SealedKey.from_wire(m) for m in args.get("keys", [])]
+            vault.load(envelopes, keys)
+            return {"keyrings": len(vault.current), "keys": len(vault.sealed)}
+        if op == "keys.create":
+            result = await vault.create_key(_name(args, "keyring"), _scheme(args), str(args.get("kms_key_id") or ""))
+            log.info("key_created", key_id=result["key"]["key_id"], keyring=result["key"]["keyring"])
+            return result
+        if op == "keys.import_target":
+            return {**vault.import_target(), "enclave_id": self.server.enclave_id}
+        if op == "keys.import":
+            encrypted = args.get("encrypted_key")
+            if type(encrypted) is not bytes:
+                raise ValueError("encrypted_key must be bytes")
+            result = await vault.import_key(_name(args, "keyring"), _scheme(args), str(args.get("kms_key_id") or ""),
+                                            encrypted)  # fmt: skip
+            log.info("key_imported", key_id=result["key"]["key_id"], keyring=result["key"]["keyring"])
+            return result
+        if op == "keys.rotate_dek":
+            result = await vault.rotate_dek(_name(args, "keyring"), str(args.get("kms_key_id") or ""))
+            log.info("dek_rotated", keyring=args["keyring"], keys=len(result["sealed"]))
+            return result
+        if op == "keys.list":
+            return {"keys": [k.describe() for k in vault.sealed.values()]}
+        raise VaultError("unknown_op", f"unknown op {str(op)[:40]!r}")
+
+
+def _name(args: dict[str, Any], field: str) -> str:
+    value = args.get(field)
+    if type(value) is not str or not 1 <= len(value) <= 64 or not value.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"{field} must be 1-64 letters, digits, '-' or '_'")
+    return value
+
+
+def _scheme(args: dict[str, Any]) -> str:
+    scheme = args.get("scheme")
+    if scheme not in KEY_SCHEMES:
+        raise ValueError(f"unknown key scheme {scheme!r}, expected one of {KEY_SCHEMES}")
+    return str(scheme)

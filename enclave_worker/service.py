@@ -1,13 +1,19 @@
-"""The enclave's signing service: a batch of requests in, a batch of results out.
+"""The enclave's signing service: a batch of requests in, batches of results out.
 
-The enclave trusts nothing from the host: each request is re-validated here
-with the same strict decoder the host used, deadlines are re-checked, and a
-key is used only for the schemes of its type.
+The enclave trusts nothing from the host: each request is decoded and validated
+here again, deadlines are re-checked, and a key signs only the schemes of its type.
+
+Requests whose keyring data key is cached are signed at once (the fast path, no
+await). The others are deferred: their keyrings are unwrapped through KMS (one
+call per keyring, shared by every request that needs it) and they are signed
+when it arrives, or expire if their deadline passes first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from schemas.errors import SchemaError
@@ -24,7 +30,8 @@ from schemas.sign_result import (
 )
 
 from . import signers
-from .wallets import Wallet, WalletStore
+from .vault import Vault, VaultError
+from .wallets import Wallet
 
 _KEY_SCHEMES = {
     "secp256k1_digest": "secp256k1",
@@ -35,45 +42,110 @@ _KEY_SCHEMES = {
 }
 
 
-class SigningService:
-    def __init__(self, enclave_id: str, wallets: WalletStore) -> None:
-        self.enclave_id = enclave_id
-        self.wallets = wallets
+@dataclass(slots=True)
+class Deferred:
+    corr_id: int
+    req: SignRequest
+    t0_ns: int
+    deadline: float  # monotonic
 
-    def sign_batch(self, items: list[Any]) -> list[list[Any]]:
-        """items: [[corr_id, SignRequest bytes], ...] -> [[corr_id, SignResult map], ...]."""
-        out: list[list[Any]] = []
+
+class SigningService:
+    def __init__(self, enclave_id: str, vault: Vault) -> None:
+        self.enclave_id = enclave_id
+        self.vault = vault
+
+    def sign_batch(self, items: list[Any]) -> tuple[list[list[Any]], list[Deferred]]:
+        """items: [[corr_id, SignRequest bytes], ...] -> (results now, requests waiting for a keyring)."""
+        ready: list[list[Any]] = []
+        deferred: list[Deferred] = []
         now_ms = int(time.time() * 1000)
-        for item in items:
+        mono = time.monotonic()
+        for corr_id, raw in items:
             t0 = time.perf_counter_ns()
-            corr_id, raw = item
             try:
-                result = self._sign_one(raw, now_ms)
+                outcome = self._sign_hot(raw, now_ms)
+                if isinstance(outcome, SignRequest):
+                    req = outcome
+                    if req.deadline_ms is not None:
+                        deadline = mono + (req.deadline_ms - now_ms) / 1000
+                    else:
+                        deadline = mono + self.vault.settings.unwrap_timeout_s
+                    deferred.append(Deferred(corr_id, req, t0, deadline))
+                    continue
+                result = outcome
             except Exception as exc:  # one bad item never takes down the batch or the loop
                 result = SignResult.failure("", "", "error", INTERNAL, f"enclave failed: {type(exc).__name__}")
-            result.enclave_id = self.enclave_id
-            result.timings_us["enclave_service"] = (time.perf_counter_ns() - t0) // 1000
-            out.append([corr_id, result.to_wire()])
-        return out
+            ready.append([corr_id, self._finish(result, t0)])
+        return ready, deferred
 
-    def _sign_one(self, raw: Any, now_ms: int) -> SignResult:
+    def _finish(self, result: SignResult, t0_ns: int) -> dict[str, Any]:
+        result.enclave_id = self.enclave_id
+        result.timings_us["enclave_service"] = (time.perf_counter_ns() - t0_ns) // 1000
+        return result.to_wire()
+
+    def _sign_hot(self, raw: Any, now_ms: int) -> SignResult | SignRequest:
         try:
             req = decode_sign_request(raw)
         except SchemaError as exc:
             return SignResult.failure(exc.request_id or "", "", "error", exc.code, exc.message)
         if req.deadline_ms is not None and req.deadline_ms <= now_ms:
-            return SignResult.failure(
-                req.request_id, req.key_id, "expired", DEADLINE_PASSED, "deadline passed before signing"
-            )
-        wallet = self.wallets.get(req.key_id)
-        if wallet is None:
+            return _expired(req)
+        sealed = self.vault.sealed.get(req.key_id)
+        if sealed is None:
             return SignResult.failure(req.request_id, req.key_id, "error", UNKNOWN_KEY, "no such key in this enclave")
-        if _KEY_SCHEMES[req.scheme] != wallet.scheme:
+        if _KEY_SCHEMES[req.scheme] != sealed.scheme:
             return SignResult.failure(
-                req.request_id, req.key_id, "rejected", SCHEME_MISMATCH,
-                f"a {wallet.scheme} key cannot sign {req.scheme}",
-            )  # fmt: skip
+                req.request_id,
+                req.key_id,
+                "rejected",
+                SCHEME_MISMATCH,
+                f"a {sealed.scheme} key cannot sign {req.scheme}",
+            )
+        wallet = self.vault.hot_wallet(req.key_id)
+        if wallet is None:
+            return req  # its keyring must be unwrapped first
         return self._sign(req, wallet)
+
+    async def sign_deferred(self, deferred: list[Deferred]) -> list[list[Any]]:
+        """Unwrap each needed keyring once (concurrently), then sign or expire each request."""
+        groups: dict[tuple[str, int], list[Deferred]] = {}
+        for d in deferred:
+            sealed = self.vault.sealed[d.req.key_id]
+            groups.setdefault((sealed.keyring_id, sealed.dek_version), []).append(d)
+        slots = list(groups)
+        outcomes = await asyncio.gather(
+            *(self.vault.data_key(kr, v, max(d.deadline for d in groups[(kr, v)])) for kr, v in slots),
+            return_exceptions=True,
+        )
+        failures = {slot: o for slot, o in zip(slots, outcomes, strict=True) if isinstance(o, BaseException)}
+        out: list[list[Any]] = []
+        now_ms = int(time.time() * 1000)
+        for slot, items in groups.items():
+            for d in items:
+                failure = failures.get(slot)
+                try:
+                    if d.req.deadline_ms is not None and d.req.deadline_ms <= now_ms:
+                        result = _expired(d.req)
+                    elif isinstance(failure, VaultError):
+                        result = SignResult.failure(d.req.request_id, d.req.key_id, failure.status, failure.code,
+                                                    failure.message)  # fmt: skip
+                    elif failure is not None:
+                        result = SignResult.failure(d.req.request_id, d.req.key_id, "error", INTERNAL,
+                                                    f"enclave failed: {type(failure).__name__}")  # fmt: skip
+                    else:
+                        wallet = self.vault.hot_wallet(d.req.key_id) or await self.vault.wallet(
+                            d.req.key_id, d.deadline
+                        )
+                        result = self._sign(d.req, wallet)
+                except VaultError as exc:
+                    result = SignResult.failure(d.req.request_id, d.req.key_id, exc.status, exc.code, exc.message)
+                except Exception as exc:
+                    result = SignResult.failure(d.req.request_id, d.req.key_id, "error", INTERNAL,
+                                                f"enclave failed: {type(exc).__name__}")  # fmt: skip
+                result.timings_us["kms_wait"] = (time.perf_counter_ns() - d.t0_ns) // 1000
+                out.append([d.corr_id, self._finish(result, d.t0_ns)])
+        return out
 
     def _sign(self, req: SignRequest, wallet: Wallet) -> SignResult:
         ok = SignResult(req.request_id, req.key_id, "ok")
@@ -98,3 +170,7 @@ class SigningService:
                 f"{req.scheme} is not implemented by this enclave version",
             )  # fmt: skip
         return ok
+
+
+def _expired(req: SignRequest) -> SignResult:
+    return SignResult.failure(req.request_id, req.key_id, "expired", DEADLINE_PASSED, "deadline passed before signing")

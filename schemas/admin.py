@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .errors import INVALID_VALUE, SchemaError
@@ -9,7 +10,8 @@ from .sign_request import unpack_map
 from .validate import as_int, as_str, require
 
 KEY_SCHEMES = ("secp256k1", "ed25519")
-OPS = ("keys.create", "keys.list")
+_KEYRING = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+OPS = ("keys.create", "keys.list", "keys.import_target", "keys.import", "keys.rotate_dek")
 
 
 def decode_admin_request(raw: bytes) -> dict[str, Any]:
@@ -24,8 +26,13 @@ def decode_admin_request(raw: bytes) -> dict[str, Any]:
     args = m.get("args") or {}
     if type(args) is not dict:
         raise SchemaError(INVALID_VALUE, "'args' must be a map", rid)
-    if op == "keys.create" and args.get("scheme") not in KEY_SCHEMES:
+    if op in ("keys.create", "keys.import") and args.get("scheme") not in KEY_SCHEMES:
         raise SchemaError(INVALID_VALUE, f"'args.scheme' must be one of {KEY_SCHEMES}", rid)
+    keyring = args.get("keyring")
+    if keyring is not None and (type(keyring) is not str or not _KEYRING.match(keyring)):
+        raise SchemaError(INVALID_VALUE, "'args.keyring' must be 1-64 letters, digits, '-' or '_'", rid)
+    if op == "keys.import" and type(args.get("encrypted_key")) is not bytes:
+        raise SchemaError(INVALID_VALUE, "'args.encrypted_key' must be bytes", rid)
     reply_topic = m.get("reply_topic")
     if reply_topic is not None:
         as_str(reply_topic, "reply_topic", rid, max_len=249)

@@ -86,7 +86,7 @@ class Batch:
 class Pending:
     """One request on its way to an enclave; its result goes to batch.results[index], once."""
 
-    key_id: str
+    key_id: str  # the route key (the request's keyring, else its key id)
     raw: bytes  # the SignRequest exactly as the producer encoded it
     batch: Batch
     index: int
@@ -146,6 +146,7 @@ class EnclaveConnection:
         self.connected = False
         self.closed_reason = "not connected"
         self._closing = False
+        self.enclave_stats: dict[str, Any] = {}  # counters the enclave reports with each pong
         self._labels = {"channel": self.name}
         m = self.metrics
         self._m_credits = m.credits.labels(**self._labels)
@@ -318,7 +319,9 @@ class EnclaveConnection:
         if t == frames.RESULTS:
             self._on_results(body)
         elif t == frames.PONG:
-            pass
+            stats = body.get("stats")
+            if type(stats) is dict:
+                self.enclave_stats = stats
         elif t == frames.KEY_OP_RESULT:
             fut = self._key_ops.pop(body.get("id"), None)  # type: ignore[arg-type]
             if fut is not None and not fut.done():

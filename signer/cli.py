@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 from schemas.logs import configure_logging
 
@@ -77,8 +78,10 @@ async def _until_signal() -> None:
 async def _up() -> int:
     from .cluster import LocalCluster
 
-    async with LocalCluster() as cluster:
+    data_dir = Path(os.environ.get("SIGNER_DATA_DIR") or Path.home() / ".local/share/enclave-signer")
+    async with LocalCluster(data_dir=data_dir) as cluster:
         print(f"KAFKA_BOOTSTRAP={cluster.bootstrap}", flush=True)
+        print(f"data (dev KMS keys, wrapped keyrings): {data_dir}", flush=True)
         print(f"metrics: http://127.0.0.1:{cluster.http_port}/metrics  (Ctrl-C to stop)", flush=True)
         waiter = asyncio.create_task(_until_signal())
         runner = asyncio.create_task(cluster.wait())

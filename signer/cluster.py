@@ -1,13 +1,15 @@
-"""A whole local cluster in one place: Kafka (unless KAFKA_BOOTSTRAP is set), an enclave
-worker process on a Unix socket standing in for vsock, and a host worker.
+"""A whole local cluster in one place: Kafka (unless KAFKA_BOOTSTRAP is set), the dev KMS,
+enclave worker processes on Unix sockets standing in for vsock, and a host worker.
 
-Used by `python -m signer up` and `python -m signer demo`.
+Used by `python -m signer up` and `python -m signer demo`. State that must survive a
+restart (the dev KMS's keys and PKI, the wrapped keyrings) lives in a data directory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -28,28 +30,30 @@ from .http import serve_http
 log = structlog.get_logger("cluster")
 
 
-class EnclaveProcess:
-    """An enclave worker child process, owned by pid; ready when it prints its READY line."""
+class ChildProcess:
+    """A `python -m MODULE` child, owned by pid; ready when it prints its READY line."""
 
-    def __init__(self, url: str, enclave_id: str, extra_args: tuple[str, ...] = ()) -> None:
-        self.url = url
-        self.enclave_id = enclave_id
-        self.extra_args = extra_args
+    def __init__(self, module: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.module = module
+        self.args = args
+        self.env = env
+        self.ready_line = ""
         self.proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float = 30.0) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "enclave_worker", "--listen", self.url,
-            "--enclave-id", self.enclave_id, *self.extra_args,
+            sys.executable, "-m", self.module, *self.args,
             stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+            env={**os.environ, **(self.env or {})},
         )  # fmt: skip
         assert self.proc.stdout is not None
         async with asyncio.timeout(timeout):
             line = await self.proc.stdout.readline()
         if not line.startswith(b"READY"):
             await self.stop()
-            raise RuntimeError(f"enclave worker {self.enclave_id} did not start: {line!r}")
+            raise RuntimeError(f"{self.module} {' '.join(self.args)} did not start: {line!r}")
+        self.ready_line = line.decode().strip()
         # keep reading stdout so the child never blocks on a full pipe
         self._drain = asyncio.create_task(self._drain_stdout())
 
@@ -75,15 +79,22 @@ class EnclaveProcess:
 
 class LocalCluster:
     def __init__(
-        self, http_port: int | None = None, partitions: int | None = None, enclave_processes: int | None = None
+        self,
+        http_port: int | None = None,
+        partitions: int | None = None,
+        enclave_processes: int | None = None,
+        data_dir: Path | None = None,
     ) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="signer-cluster-"))
+        self.data_dir = data_dir or self.workdir / "data"
         self.kafka: LocalKafka | None = None
+        self.devkms: ChildProcess | None = None
+        self.kms_endpoint = ""
         # signing is CPU-bound under the GIL: one enclave worker process per core by default
         self.enclave_processes = enclave_processes or int(
             os.environ.get("SIGNER_ENCLAVE_PROCESSES", str(os.cpu_count() or 1))
         )
-        self.enclaves: list[EnclaveProcess] = []
+        self.enclaves: list[ChildProcess] = []
         self.host: HostWorker | None = None
         self.config: HostConfig | None = None
         self.http_port = 0
@@ -115,8 +126,14 @@ class LocalCluster:
             await asyncio.to_thread(self.kafka.start)
             bootstrap = self.kafka.bootstrap
             log.info("kafka_ready", bootstrap=bootstrap, startup_s=round(self.kafka.startup_seconds, 2))
+        kms_key_id, enclave_env = await self._start_kms()
         urls = [f"unix://{self.workdir / f'enclave-{i}.sock'}" for i in range(self.enclave_processes)]
-        overrides: dict[str, object] = {"bootstrap": bootstrap, "enclaves": urls}
+        overrides: dict[str, object] = {
+            "bootstrap": bootstrap,
+            "enclaves": urls,
+            "keystore_dir": str(self.data_dir / "keystore"),
+            "kms_key_id": kms_key_id,
+        }
         cfg = HostConfig.from_env(**overrides)
         if self._partitions:
             from dataclasses import replace
@@ -127,12 +144,52 @@ class LocalCluster:
         self.config = cfg
         await ensure_topics(bootstrap, cfg.layout)
         for i, url in enumerate(urls):
-            self.enclaves.append(EnclaveProcess(url, f"enclave-{i}"))
+            args = ["--listen", url, "--enclave-id", f"enclave-{i}"]
+            self.enclaves.append(ChildProcess("enclave_worker", args, enclave_env))
             await self.enclaves[-1].start()
         self.host = HostWorker(cfg)
         await self.host.start()
         self._http, self.http_port = await serve_http(self.host, cfg.http_host, cfg.http_port)
         self._run = asyncio.create_task(self.host.run(), name="host-worker")
+
+    async def _start_kms(self) -> tuple[str, dict[str, str]]:
+        """Start the dev KMS and make sure a keyring KMS key bound to this enclave code exists."""
+        from devkms.__main__ import DEV_ACCESS_KEY_ID, DEV_SECRET_ACCESS_KEY
+        from devkms.policy import attested_keyring_policy
+        from enclave_worker.attestation import measure_enclave_code
+        from enclave_worker.kms import KmsClient, KmsConfig
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        kms_dir = self.data_dir / "devkms"
+        self.devkms = ChildProcess("devkms", ["--data-dir", str(kms_dir)])
+        await self.devkms.start()
+        self.kms_endpoint = self.devkms.ready_line.split()[1]
+        creds = {
+            "SIGNER_KMS_ACCESS_KEY_ID": os.environ.get("SIGNER_KMS_ACCESS_KEY_ID", DEV_ACCESS_KEY_ID),
+            "SIGNER_KMS_SECRET_ACCESS_KEY": os.environ.get("SIGNER_KMS_SECRET_ACCESS_KEY", DEV_SECRET_ACCESS_KEY),
+        }
+        pcr0 = measure_enclave_code().hex()
+        state_path = self.data_dir / "cluster.json"
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        if state.get("pcr0") != pcr0:
+            if state:
+                note = "keyrings sealed to the old image stay refused; new keys use a new KMS key"
+                log.warning("enclave_code_changed", old_pcr0=state.get("pcr0"), new_pcr0=pcr0, note=note)
+            client = KmsClient(KmsConfig(self.kms_endpoint, access_key_id=creds["SIGNER_KMS_ACCESS_KEY_ID"],
+                                         secret_access_key=creds["SIGNER_KMS_SECRET_ACCESS_KEY"]))  # fmt: skip
+            try:
+                key_id = await client.create_key(attested_keyring_policy(pcr0), "signer keyrings (dev)")
+            finally:
+                await client.close()
+            state = {"kms_key_id": key_id, "pcr0": pcr0}
+            state_path.write_text(json.dumps(state))
+        enclave_env = {
+            **creds,
+            "SIGNER_KMS_ENDPOINT": self.kms_endpoint,
+            "ENCLAVE_ATTESTATION": "dev",
+            "ENCLAVE_DEV_PKI": str(kms_dir / "pki"),
+        }
+        return str(state["kms_key_id"]), enclave_env
 
     async def wait(self) -> None:
         """Return when the host worker's loop ends (it re-raises the loop's failure)."""
@@ -150,6 +207,9 @@ class LocalCluster:
         for enclave in self.enclaves:
             await enclave.stop()
         self.enclaves = []
+        if self.devkms is not None:
+            await self.devkms.stop()
+            self.devkms = None
         if self.kafka is not None:
             await asyncio.to_thread(self.kafka.stop)
             self.kafka = None

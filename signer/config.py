@@ -42,6 +42,9 @@ class HostConfig:
     pool: PoolSettings = field(default_factory=PoolSettings)
     enclave_wait_s: float = 30.0
     shutdown_timeout_s: float = 30.0
+    keystore_dir: str = ""
+    kms_key_id: str = ""
+    default_keyring: str = "default"
 
     @classmethod
     def from_env(cls, **overrides: object) -> HostConfig:
@@ -76,6 +79,9 @@ class HostConfig:
             ),
             enclave_wait_s=_int("SIGNER_ENCLAVE_WAIT_S", 30),
             shutdown_timeout_s=_int("SIGNER_SHUTDOWN_TIMEOUT_S", 30),
+            keystore_dir=_env("SIGNER_KEYSTORE_DIR", os.path.expanduser("~/.local/share/enclave-signer/keystore")),
+            kms_key_id=_env("SIGNER_KMS_KEY_ID", ""),
+            default_keyring=_env("SIGNER_DEFAULT_KEYRING", "default"),
         )
         for k, v in overrides.items():
             setattr(cfg, k, v)

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -85,7 +86,8 @@ def _verify_coincurve(req: dict[str, Any], res: dict[str, Any], eth_key: dict[st
 
 
 async def run_demo(n: int = 200) -> int:
-    async with LocalCluster() as cluster:
+    data = os.environ.get("SIGNER_DATA_DIR")
+    async with LocalCluster(data_dir=Path(data) if data else None) as cluster:
         bootstrap = cluster.bootstrap
         print(f"cluster up: Kafka at {bootstrap}, metrics at http://127.0.0.1:{cluster.http_port}/metrics")
         eth_key = await admin_call(bootstrap, "keys.create", {"scheme": "secp256k1"})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -25,11 +26,13 @@ from schemas.admin import decode_admin_request
 from schemas.dlq import DlqRecord
 from schemas.errors import SchemaError
 from schemas.sign_request import SignRequest, decode_sign_request
-from schemas.sign_result import DEADLINE_PASSED, SignResult
+from schemas.sign_result import DEADLINE_PASSED, UNKNOWN_KEY, SignResult
 
-from .channel import ChannelClosed
+from .channel import EnclaveConnection
 from .config import HostConfig
-from .metrics import HostMetrics
+from .keys import KeyManager, KeyOpError
+from .keystore import DirectoryKeyStore
+from .metrics import EnclaveStatsCollector, HostMetrics
 from .pool import EnclavePool
 
 log = structlog.get_logger("host")
@@ -41,11 +44,26 @@ class HostWorker:
             raise ValueError("no enclave channel configured (SIGNER_ENCLAVES)")
         self.config = config
         self.metrics = metrics or HostMetrics()
-        self.pool = EnclavePool(config.enclaves, config.pool, self.metrics)
+        if not config.keystore_dir:
+            raise ValueError("no key store configured (SIGNER_KEYSTORE_DIR)")
+        self.keystore = DirectoryKeyStore(Path(config.keystore_dir))
+        self.pool = EnclavePool(config.enclaves, config.pool, self.metrics, prepare=self._prepare_connection)
+        self.keys = KeyManager(self.pool, self.keystore, config.kms_key_id, config.default_keyring)
+        EnclaveStatsCollector(self._enclave_stats, self.metrics.registry)
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self._stopping = asyncio.Event()
         self.kafka_ready = False
+
+    async def _prepare_connection(self, conn: EnclaveConnection) -> None:
+        await self.keys.load_into(conn)
+
+    def _enclave_stats(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for conn in self.pool.connections:
+            if conn.enclave_id and conn.enclave_stats:
+                out.setdefault(conn.enclave_id, conn.enclave_stats)
+        return out
 
     async def start(self) -> None:
         cfg = self.config
@@ -128,7 +146,9 @@ class HostWorker:
                 to_sign.append((req, rec.value, max(0, now_ms - rec.timestamp)))
         if to_sign:
             t0 = time.perf_counter()
-            results = await self.pool.submit_many([(req.key_id, raw) for req, raw, _ in to_sign])
+            route = self.keys.route_key
+            results = await self.pool.submit_many([(route(req.key_id), raw) for req, raw, _ in to_sign])
+            await self._retry_keys_from_elsewhere(to_sign, results)
             self.metrics.stage.observe("enclave_round_trip", time.perf_counter() - t0)
             for res, (req, _, wait_ms) in zip(results, to_sign, strict=True):
                 res.setdefault("timings_us", {})["kafka_wait"] = wait_ms * 1000
@@ -139,6 +159,22 @@ class HostWorker:
         # ... before the offsets that produced them are committed
         await self.consumer.commit({tp: OffsetAndMetadata(records[-1].offset + 1, "") for tp, records in batch.items()})
         self.metrics.in_flight.set(0)
+
+    async def _retry_keys_from_elsewhere(
+        self, to_sign: list[tuple[SignRequest, bytes, int]], results: list[dict[str, Any]]
+    ) -> None:
+        """A key the enclaves do not know may have been created through another host:
+        re-read the key store, load what it has, and ask again once."""
+        missing = [i for i, r in enumerate(results) if (r.get("error") or {}).get("code") == UNKNOWN_KEY]
+        if not missing:
+            return
+        found = await self.keys.reload_keys({to_sign[i][0].key_id for i in missing})
+        retry = [i for i in missing if to_sign[i][0].key_id in found]
+        if retry:
+            route = self.keys.route_key
+            again = await self.pool.submit_many([(route(to_sign[i][0].key_id), to_sign[i][1]) for i in retry])
+            for i, res in zip(retry, again, strict=True):
+                results[i] = res
 
     async def _publish(self, req: SignRequest, result: dict[str, Any]) -> asyncio.Future[Any]:
         assert self.producer is not None
@@ -161,23 +197,11 @@ class HostWorker:
             req = decode_admin_request(rec.value)
         except SchemaError as exc:
             return await self._to_dlq(rec, exc)
+        body: dict[str, Any] = {"v": 1, "request_id": req["request_id"]}
         try:
-            reply = await self.pool.key_op(req["op"], req["args"])
-            body = {
-                "v": 1,
-                "request_id": req["request_id"],
-                "ok": bool(reply.get("ok")),
-                "result": reply.get("result"),
-                "error": reply.get("error"),
-                "enclave_id": reply.get("enclave_id"),
-            }
-        except ChannelClosed as exc:
-            body = {
-                "v": 1,
-                "request_id": req["request_id"],
-                "ok": False,
-                "error": {"code": "enclave_unavailable", "message": str(exc)},
-            }
+            body.update(ok=True, result=await self.keys.handle(req["op"], req["args"]))
+        except KeyOpError as exc:
+            body.update(ok=False, error={"code": exc.code, "message": exc.message})
         log.info("admin_op", op=req["op"], request_id=req["request_id"], ok=body["ok"])
         topic = req["reply_topic"] or self.config.layout.admin_replies
         return await self.producer.send(topic, msgpack.packb(body, use_bin_type=True), key=req["request_id"].encode())

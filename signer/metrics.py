@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily
@@ -97,3 +98,43 @@ class HostMetrics:
         self.enclaves_connected = Gauge(
             "signer_enclaves_connected", "Enclaves with at least one live channel", registry=r
         )
+
+
+class EnclaveStatsCollector(Collector):
+    """Exports the counters each enclave reports over its channel (it has no network of its own)."""
+
+    COUNTERS = {
+        "kms_calls": "KMS requests made by the enclave (all operations, retries included)",
+        "kms_throttles": "KMS ThrottlingException answers",
+        "kms_decrypt": "KMS Decrypt calls for keyring unwraps",
+        "kms_generate_data_key": "KMS GenerateDataKey calls (new keyrings and rotations)",
+        "unwraps": "Keyring data keys unwrapped",
+        "unwrap_joined": "Requests that joined an unwrap already in flight (single-flight)",
+        "unwrap_keys": "Wallet keys made usable by unwraps (divided by unwraps: keys per KMS call)",
+        "unwrap_seconds": "Time spent unwrapping keyring data keys",
+        "cache_hits": "Data key cache hits",
+        "cache_misses": "Data key cache misses",
+        "cache_evictions": "Data keys evicted (and wiped)",
+    }
+    GAUGES = {"cache_entries": "Data keys cached", "keys_loaded": "Sealed wallet keys loaded"}
+
+    def __init__(self, source: Callable[[], dict[str, dict[str, Any]]], registry: CollectorRegistry) -> None:
+        self._source = source  # enclave_id -> latest stats
+        registry.register(self)
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = self._source()
+        for name, doc in self.COUNTERS.items():
+            fam = CounterMetricFamily(f"signer_enclave_{name}", doc, labels=["enclave"])
+            for enclave, values in sorted(stats.items()):
+                if name in values:
+                    fam.add_metric([enclave], float(values[name]))
+            yield fam
+        for name, doc in self.GAUGES.items():
+            g = GaugeMetricFamily(f"signer_enclave_{name}", doc, labels=["enclave"])
+            for enclave, values in sorted(stats.items()):
+                if name in values:
+                    g.add_metric([enclave], float(values[name]))
+            yield g

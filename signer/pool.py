@@ -1,9 +1,10 @@
 """The pool of enclave connections: several persistent connections per enclave, many enclaves.
 
-Routing: a key goes to the enclave known to hold it (learned from keys.list on
-connect and from keys.create), else by rendezvous hashing over the live
-enclaves, so an enclave's key cache stays hot; within an enclave, to the
-connection with the least work. Connections are supervised: reconnect with
+Routing: by rendezvous hashing of a route key (the request's keyring) over the
+live enclaves, so each keyring's data key is unwrapped and kept hot in one
+enclave while it lives; within an enclave, to the connection with the least work.
+Every enclave can serve every key (it loads the wrapped keyrings when a
+connection comes up), so a lost enclave's work simply moves. Connections are supervised: reconnect with
 jittered exponential backoff; requests on a lost connection are re-dispatched
 to a live one. Each request is answered exactly once to its caller.
 """
@@ -15,6 +16,7 @@ import contextlib
 import hashlib
 import random
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +40,13 @@ class PoolSettings:
 
 
 class EnclavePool:
-    def __init__(self, urls: list[str], settings: PoolSettings | None = None, metrics: HostMetrics | None = None):
+    def __init__(
+        self,
+        urls: list[str],
+        settings: PoolSettings | None = None,
+        metrics: HostMetrics | None = None,
+        prepare: Callable[[EnclaveConnection], Awaitable[None]] | None = None,
+    ):
         if not urls:
             raise ValueError("no enclave channel configured (SIGNER_ENCLAVES)")
         self.settings = settings or PoolSettings()
@@ -49,7 +57,7 @@ class EnclavePool:
                 EnclaveConnection(url, self.settings.channel, self._on_lost, self.metrics, name=f"{url}#{i}")
                 for i in range(self.settings.connections_per_enclave)
             ]
-        self.directory: dict[str, str] = {}  # key_id -> enclave url
+        self._prepare = prepare  # runs on every new connection before it takes work
         self._live_urls: list[str] = []
         self._affinity: dict[str, str] = {}  # key_id -> rendezvous choice among _live_urls
         self.backlog: deque[Pending] = deque()  # accepted while no connection was live
@@ -103,7 +111,9 @@ class EnclavePool:
             delay = s.backoff_min_s
             serving = asyncio.create_task(conn.serve(), name=f"serve {conn.name}")
             try:
-                await self._learn_keys(conn)
+                if self._prepare is not None:
+                    with contextlib.suppress(ChannelClosed):
+                        await self._prepare(conn)
                 self._on_up()
                 await serving
             finally:
@@ -114,12 +124,6 @@ class EnclavePool:
             if not self._closing:
                 self.metrics.reconnects.inc()
                 self._refresh_gauges()
-
-    async def _learn_keys(self, conn: EnclaveConnection) -> None:
-        with contextlib.suppress(ChannelClosed):
-            reply = await conn.key_op("keys.list", {})
-            for k in (reply.get("result") or {}).get("keys", []):
-                self.directory[k["key_id"]] = conn.url
 
     # -- state -------------------------------------------------------------------------
 
@@ -164,7 +168,7 @@ class EnclavePool:
     # -- work ----------------------------------------------------------------------------
 
     def submit_many(self, items: list[tuple[str, bytes]]) -> Batch:
-        """Queue SignRequests (key_id, encoded bytes); await the Batch for their results, in order."""
+        """Queue SignRequests (route key, encoded bytes); await the Batch for their results, in order."""
         batch = Batch(len(items))
         if self._closing:
             batch.fail(ChannelClosed("enclave pool closed"))
@@ -175,31 +179,34 @@ class EnclavePool:
         self._refresh_gauges()
         return batch
 
-    async def sign(self, key_id: str, raw: bytes) -> dict[str, Any]:
+    async def sign(self, route_key: str, raw: bytes) -> dict[str, Any]:
         """One request; for convenience (the hot path submits batches)."""
-        return (await self.submit_many([(key_id, raw)]))[0]
+        return (await self.submit_many([(route_key, raw)]))[0]
+
+    def affinity(self, route_key: str) -> str | None:
+        """The live enclave URL a route key (keyring) maps to, by rendezvous hashing."""
+        url = self._affinity.get(route_key)
+        if url is None:
+            if not self._live_urls:
+                return None
+            url = max(self._live_urls, key=lambda u: _score(route_key, u))
+            if len(self._affinity) > 100_000:
+                self._affinity.clear()
+            self._affinity[route_key] = url
+        return url
 
     def _route(self, p: Pending) -> None:
-        url = self.directory.get(p.key_id)
-        conns = [c for c in self.groups[url] if c.connected] if url is not None else []
-        if not conns:
-            url = self._affinity.get(p.key_id)
-            if url is None:
-                if not self._live_urls:
-                    self.backlog.append(p)
-                    return
-                # rendezvous hashing over live enclaves keeps a key on one enclave while it lives
-                url = max(self._live_urls, key=lambda u: _score(p.key_id, u))
-                if len(self._affinity) > 100_000:
-                    self._affinity.clear()
-                self._affinity[p.key_id] = url
-            conns = [c for c in self.groups[url] if c.connected]
-            if not conns:  # went down since the last refresh: hash again over what is live
-                self._refresh_gauges()
-                self.backlog.append(p)
-                if self._live_urls:
-                    self._on_up()
-                return
+        url = self.affinity(p.key_id)
+        if url is None:
+            self.backlog.append(p)
+            return
+        conns = [c for c in self.groups[url] if c.connected]
+        if not conns:  # went down since the last refresh: hash again over what is live
+            self._refresh_gauges()
+            self.backlog.append(p)
+            if self._live_urls:
+                self._on_up()
+            return
         min(conns, key=lambda c: c.load - c.credits).enqueue(p)
 
     def _on_lost(self, conn: EnclaveConnection, unanswered: list[Pending]) -> None:
@@ -225,25 +232,28 @@ class EnclavePool:
 
     # -- key management ----------------------------------------------------------------------
 
-    async def key_op(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        """keys.create goes to the least-loaded live enclave; keys.list asks every live enclave."""
-        if op == "keys.list":
-            keys: list[dict[str, Any]] = []
-            for url in self.groups:
-                live = self.live(url)
-                if live:
-                    reply = await live[0].key_op(op, args)
-                    for k in (reply.get("result") or {}).get("keys", []):
-                        keys.append({**k, "enclave_id": live[0].enclave_id})
-            return {"ok": True, "result": {"keys": keys}}
+    async def key_op(
+        self, op: str, args: dict[str, Any], route_key: str | None = None, enclave_id: str | None = None
+    ) -> dict[str, Any]:
+        """A key operation on one enclave: the named one, the route key's, or the least loaded."""
         live = self.live()
+        if enclave_id is not None:
+            live = [c for c in live if c.enclave_id == enclave_id]
+        elif route_key is not None and (url := self.affinity(route_key)) is not None:
+            live = self.live(url) or live
         if not live:
-            raise ChannelClosed("no enclave connected")
+            raise ChannelClosed(f"no enclave connected{f' with id {enclave_id}' if enclave_id else ''}")
         conn = min(live, key=lambda c: c.load)
         reply = await conn.key_op(op, args)
-        if reply.get("ok") and op == "keys.create":
-            self.directory[reply["result"]["key_id"]] = conn.url
-        return {**reply, "enclave_id": conn.enclave_id}
+        return {**reply, "enclave_id": conn.enclave_id, "url": conn.url}
+
+    async def broadcast(self, op: str, args: dict[str, Any], exclude_url: str | None = None) -> None:
+        """A key operation on every live enclave (one connection each), e.g. loading a new keyring."""
+        for url in self.groups:
+            live = self.live(url)
+            if live and url != exclude_url:
+                with contextlib.suppress(ChannelClosed):
+                    await live[0].key_op(op, args)
 
 
 def _score(key_id: str, url: str) -> int:

@@ -1,0 +1,150 @@
+"""Key management on the host: relays operations to an enclave and keeps what it returns.
+
+The host never sees a private key or a data key: it stores the wrapped keyrings
+and sealed keys the enclave hands back, and loads them into every enclave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+
+from enclave_worker.keyring import KeyringEnvelope, SealedKey
+
+from .channel import ChannelClosed, EnclaveConnection
+from .keystore import KeyringConflict, KeyStore
+from .pool import EnclavePool
+
+log = structlog.get_logger("keys")
+
+LOAD_CHUNK = 2000  # sealed keys per keyrings.load frame
+
+
+class KeyOpError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+
+class KeyManager:
+    def __init__(self, pool: EnclavePool, store: KeyStore, kms_key_id: str, default_keyring: str = "default"):
+        self.pool = pool
+        self.store = store
+        self.kms_key_id = kms_key_id
+        self.default_keyring = default_keyring
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def route_key(self, key_id: str) -> str:
+        """Requests route by keyring, so a keyring's data key is unwrapped by one enclave."""
+        sealed = self.store.get_key(key_id)
+        return sealed.keyring_id if sealed is not None else key_id
+
+    async def load_into(self, conn: EnclaveConnection) -> None:
+        """Give a new connection's enclave every wrapped keyring (the pool's prepare hook)."""
+        envelopes = [e.to_wire() for e in self.store.envelopes()]
+        keys = [k.to_wire() for k in self.store.keys()]
+        await conn.key_op("keyrings.load", {"envelopes": envelopes, "keys": keys[:LOAD_CHUNK]})
+        for i in range(LOAD_CHUNK, len(keys), LOAD_CHUNK):
+            await conn.key_op("keyrings.load", {"envelopes": [], "keys": keys[i : i + LOAD_CHUNK]})
+
+    async def reload_keys(self, key_ids: set[str]) -> set[str]:
+        """Keys another host created: re-read the store and load those found into every enclave."""
+        self.store.refresh()
+        found = {k for k in key_ids if self.store.get_key(k) is not None}
+        if found:
+            sealed = [self.store.get_key(k) for k in found]
+            rings = {s.keyring_id for s in sealed if s is not None}
+            envelopes = [e.to_wire() for e in self.store.envelopes() if e.keyring_id in rings]
+            wires = [s.to_wire() for s in sealed if s is not None]
+            await self.pool.broadcast("keyrings.load", {"envelopes": envelopes, "keys": wires})
+        return found
+
+    async def handle(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Run one admin operation; raise KeyOpError with a code on refusal."""
+        try:
+            if op == "keys.list":
+                self.store.refresh()
+                return {"keys": [k.describe() for k in self.store.keys()]}
+            if op == "keys.create":
+                return await self._add(op, args, {"scheme": args.get("scheme")})
+            if op == "keys.import_target":
+                keyring = str(args.get("keyring") or self.default_keyring)
+                reply = await self.pool.key_op("keys.import_target", {}, route_key=keyring)
+                return self._result(reply)
+            if op == "keys.import":
+                enclave_id = args.get("enclave_id")
+                if not isinstance(enclave_id, str):
+                    raise KeyOpError("invalid_argument", "enclave_id (from keys.import_target) is required")
+                extra = {"scheme": args.get("scheme"), "encrypted_key": args.get("encrypted_key")}
+                return await self._add(op, args, extra, enclave_id=enclave_id)
+            if op == "keys.rotate_dek":
+                return await self._rotate(str(args.get("keyring") or self.default_keyring))
+        except ChannelClosed as exc:
+            raise KeyOpError("enclave_unavailable", str(exc)) from None
+        raise KeyOpError("unknown_op", f"unknown op {op!r}")
+
+    @staticmethod
+    def _result(reply: dict[str, Any]) -> dict[str, Any]:
+        if not reply.get("ok"):
+            err = reply.get("error") or {}
+            raise KeyOpError(str(err.get("code", "error")), str(err.get("message", "")))
+        return {**dict(reply["result"]), "enclave_id": reply.get("enclave_id")}
+
+    async def _add(
+        self, op: str, args: dict[str, Any], extra: dict[str, Any], enclave_id: str | None = None
+    ) -> dict[str, Any]:
+        keyring = str(args.get("keyring") or self.default_keyring)
+        async with self._locks.setdefault(keyring, asyncio.Lock()):
+            self.store.refresh()  # another host may have created the keyring meanwhile
+            op_args = {**extra, "keyring": keyring, "kms_key_id": self.kms_key_id}
+            env = self.store.get_envelope(keyring)
+            if env is not None:  # make sure the chosen enclave has the current keyring
+                load = {"envelopes": [env.to_wire()], "keys": []}
+                if enclave_id is not None:
+                    await self.pool.key_op("keyrings.load", load, enclave_id=enclave_id)
+                else:
+                    await self.pool.key_op("keyrings.load", load, route_key=keyring)
+            reply = await self.pool.key_op(op, op_args, route_key=keyring, enclave_id=enclave_id)
+            result = self._result(reply)
+            new_env = KeyringEnvelope.from_wire(result["envelope"]) if result.get("envelope") else None
+            sealed = SealedKey.from_wire(result["sealed"])
+            if new_env is not None:
+                try:
+                    self.store.put_envelope(new_env)
+                except KeyringConflict as exc:
+                    raise KeyOpError("keyring_conflict", f"{exc}; retry") from None
+            self.store.put_key(sealed)
+            await self.pool.broadcast(
+                "keyrings.load",
+                {"envelopes": [new_env.to_wire()] if new_env else [], "keys": [sealed.to_wire()]},
+                exclude_url=reply.get("url"),
+            )
+            log.info("key_stored", key_id=sealed.key_id, keyring=keyring, op=op)
+            return {**result["key"], "enclave_id": result["enclave_id"]}
+
+    async def _rotate(self, keyring: str) -> dict[str, Any]:
+        async with self._locks.setdefault(keyring, asyncio.Lock()):
+            self.store.refresh()
+            env = self.store.get_envelope(keyring)
+            if env is None:
+                raise KeyOpError("unknown_keyring", f"no keyring {keyring!r}")
+            reply = await self.pool.key_op("keys.rotate_dek", {"keyring": keyring, "kms_key_id": self.kms_key_id},
+                                           route_key=keyring)  # fmt: skip
+            result = self._result(reply)
+            new_env = KeyringEnvelope.from_wire(result["envelope"])
+            resealed = [SealedKey.from_wire(m) for m in result["sealed"]]
+            for sealed in resealed:  # keys first: the new version is current only once its envelope exists
+                self.store.put_key(sealed)
+            try:
+                self.store.put_envelope(new_env)
+            except KeyringConflict as exc:
+                raise KeyOpError("keyring_conflict", f"{exc}; retry") from None
+            for sealed in resealed:
+                self.store.put_key(sealed)
+            await self.pool.broadcast("keyrings.load", {"envelopes": [new_env.to_wire()],
+                                                        "keys": [s.to_wire() for s in resealed]},
+                                      exclude_url=reply.get("url"))  # fmt: skip
+            log.info("dek_rotated", keyring=keyring, version=new_env.dek_version, keys=len(resealed))
+            return {"keyring": keyring, "dek_version": new_env.dek_version, "keys": len(resealed)}
