@@ -145,7 +145,7 @@ class EnclaveConnection:
         self._last_rx = 0.0
         self.connected = False
         self.closed_reason = "not connected"
-        self._closing = False
+        self.closing = False
         self.enclave_stats: dict[str, Any] = {}  # counters the enclave reports with each pong
         self._labels = {"channel": self.name}
         m = self.metrics
@@ -223,14 +223,14 @@ class EnclaveConnection:
         unanswered = list(self.inflight.values()) + list(self.queue)
         self.inflight.clear()
         self.queue.clear()
-        if self._closing:
+        if self.closing:
             log.info("channel_closed", channel=self.name, unanswered=len(unanswered))
         else:
             log.warning("channel_lost", channel=self.name, reason=reason, unanswered=len(unanswered))
         self._on_lost(self, unanswered)
 
     async def close(self) -> None:
-        self._closing = True
+        self.closing = True
         if self._writer is not None:
             self._writer.close()
             with contextlib.suppress(Exception):

@@ -81,6 +81,8 @@ class EnclavePool:
 
     async def close(self) -> None:
         self._closing = True
+        for conn in self.connections:
+            conn.closing = True
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -13,12 +13,15 @@ from tests.procs import Proc
 
 
 def start_enclave(
-    sock_dir: Path, name: str, log_dir: Path, *, handler: str = "sign", credits: int = 4096
-) -> tuple[Proc, str]:
+    sock_dir: Path, name: str, log_dir: Path, *, handler: str = "sign", credits: int = 4096,
+    env: dict[str, str] | None = None, pythonpath: str | None = None,
+) -> tuple[Proc, str]:  # fmt: skip
     url = f"unix://{sock_dir / (name + '.sock')}"
     proc = Proc(
         ["enclave_worker", "--listen", url, "--enclave-id", name, "--credits", str(credits), "--handler", handler],
+        env=env,
         log=log_dir / f"{name}.log",
+        pythonpath=pythonpath,
     )
     proc.wait_for_line("READY")
     return proc, url
@@ -113,3 +116,26 @@ def start_devkms(data_dir: Path, log_dir: Path, env: dict[str, str] | None = Non
     proc = Proc(["devkms", "--data-dir", str(data_dir)], env=env, log=log_dir / "devkms.log")
     line = proc.wait_for_line("READY")
     return proc, line.split()[1]
+
+
+async def keyring_kms_key(kms_url: str, pcr0_hex: str | None = None) -> str:
+    """A KMS key whose policy releases data keys only to this enclave code (or the given PCR0)."""
+    from devkms.policy import attested_keyring_policy
+    from enclave_worker.attestation import measure_enclave_code
+    from enclave_worker.kms import KmsClient, KmsConfig
+
+    client = KmsClient(KmsConfig(kms_url, access_key_id=DEV_CREDS["SIGNER_KMS_ACCESS_KEY_ID"],
+                                 secret_access_key=DEV_CREDS["SIGNER_KMS_SECRET_ACCESS_KEY"]))  # fmt: skip
+    try:
+        return await client.create_key(attested_keyring_policy(pcr0_hex or measure_enclave_code().hex()))
+    finally:
+        await client.close()
+
+
+def enclave_env(kms_url: str, kms_data: Path) -> dict[str, str]:
+    return {
+        **DEV_CREDS,
+        "SIGNER_KMS_ENDPOINT": kms_url,
+        "ENCLAVE_ATTESTATION": "dev",
+        "ENCLAVE_DEV_PKI": str(kms_data / "pki"),
+    }

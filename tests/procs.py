@@ -17,13 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 class Proc:
     """A python -m child; readiness = a line on stdout starting with `ready_prefix`."""
 
-    def __init__(self, args: list[str], env: Mapping[str, str] | None = None, log: Path | None = None):
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
+    def __init__(
+        self, args: list[str], env: Mapping[str, str] | None = None, log: Path | None = None,
+        pythonpath: str | None = None,
+    ):  # fmt: skip
+        path = f"{pythonpath}:{ROOT}" if pythonpath else str(ROOT)
+        full_env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log = log
         self._stderr = open(log, "ab") if log else subprocess.DEVNULL
         self.popen = subprocess.Popen(
             [sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=self._stderr,
-            stdin=subprocess.DEVNULL, env=full_env, cwd=ROOT,
+            stdin=subprocess.DEVNULL, env=full_env, cwd=pythonpath or ROOT,
         )  # fmt: skip
         self.lines: Queue[str] = Queue()
         self.output: list[str] = []

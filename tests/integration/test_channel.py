@@ -49,6 +49,7 @@ async def test_requests_travel_in_batches_under_load(sock_dir: Path, tmp_path: P
     pool = EnclavePool([url], _settings(max_batch=256))
     try:
         await pool.start(ready_timeout=10)
+        await wait_until(lambda: len(pool.live()) == 2, what="both connections")
         raws = [_raw(i) for i in range(10_000)]
         await _all_answered_once(pool.submit_many([(f"k{i % 97}", r) for i, r in enumerate(raws)]), raws)
         frames_out = sum(c.stats.frames_out for c in pool.connections)

@@ -33,7 +33,8 @@ def test_main_job_signs_verifies_and_exits_zero() -> None:
 
 
 def test_up_serves_outside_producers_and_keys_create_reaches_it(tmp_path: Path) -> None:
-    up = Proc(["signer", "up"], env={**CLEAN_ENV, "SIGNER_HTTP_PORT": "0"}, log=tmp_path / "up.log")
+    up = Proc(["signer", "up"], env={**CLEAN_ENV, "SIGNER_HTTP_PORT": "0", "SIGNER_DATA_DIR": str(tmp_path / "data")},
+              log=tmp_path / "up.log")  # fmt: skip
     try:
         line = up.wait_for_line("KAFKA_BOOTSTRAP=", timeout=180)
         bootstrap = line.split("=", 1)[1].strip()

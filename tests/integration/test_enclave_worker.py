@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
@@ -17,12 +18,24 @@ from hypothesis import strategies as st
 
 from schemas import frames
 from signer.pool import EnclavePool, PoolSettings
-from tests.enclaves import start_enclave
+from tests.enclaves import enclave_env, keyring_kms_key, start_devkms, start_enclave
 
 
 @pytest.fixture
-def enclave(sock_dir: Path, tmp_path: Path) -> Iterator[str]:
-    proc, url = start_enclave(sock_dir, "enc-t", tmp_path, credits=64)
+def kms_stack(tmp_path: Path) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """A dev KMS with a keyring key for this code: (kms url, kms key id, enclave env)."""
+    data = tmp_path / "devkms"
+    proc, url = start_devkms(data, tmp_path)
+    try:
+        key_id = asyncio.run(keyring_kms_key(url))
+        yield url, key_id, enclave_env(url, data)
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def enclave(sock_dir: Path, tmp_path: Path, kms_stack: tuple[str, str, dict[str, str]]) -> Iterator[str]:
+    proc, url = start_enclave(sock_dir, "enc-t", tmp_path, credits=64, env=kms_stack[2])
     try:
         yield url
     finally:
@@ -33,13 +46,14 @@ def _req(rid: str, key_id: str, scheme: str, payload: object, **kw: object) -> b
     return msgpack.packb({"v": 1, "request_id": rid, "key_id": key_id, "scheme": scheme, "payload": payload, **kw})
 
 
-async def test_hello_then_batched_signatures(enclave: str) -> None:
+async def test_hello_then_batched_signatures(enclave: str, kms_stack: tuple[str, str, dict[str, str]]) -> None:
     pool = EnclavePool([enclave], PoolSettings(connections_per_enclave=1))
     await pool.start(ready_timeout=10)
     try:
         conn = pool.connections[0]
         assert conn.enclave_id == "enc-t" and conn.credits == 64
-        key = (await pool.key_op("keys.create", {"scheme": "secp256k1"}))["result"]
+        create = {"scheme": "secp256k1", "keyring": "kr", "kms_key_id": kms_stack[1]}
+        key = (await pool.key_op("keys.create", create))["result"]["key"]
         digests = [os.urandom(32) for _ in range(200)]
         batch = pool.submit_many(
             [(key["key_id"], _req(f"r{i}", key["key_id"], "secp256k1_digest", d)) for i, d in enumerate(digests)]
@@ -57,11 +71,12 @@ async def test_hello_then_batched_signatures(enclave: str) -> None:
         await pool.close()
 
 
-async def test_refusals_are_results_with_codes(enclave: str) -> None:
+async def test_refusals_are_results_with_codes(enclave: str, kms_stack: tuple[str, str, dict[str, str]]) -> None:
     pool = EnclavePool([enclave], PoolSettings(connections_per_enclave=1))
     await pool.start(ready_timeout=10)
     try:
-        ed = (await pool.key_op("keys.create", {"scheme": "ed25519"}))["result"]
+        create = {"scheme": "ed25519", "keyring": "kr", "kms_key_id": kms_stack[1]}
+        ed = (await pool.key_op("keys.create", create))["result"]["key"]
         k = ed["key_id"]
         raws = [
             _req("unknown", "k_nope", "secp256k1_digest", b"\1" * 32),
@@ -79,7 +94,7 @@ async def test_refusals_are_results_with_codes(enclave: str) -> None:
             ("error", "wrong_type"),
             ("error", "malformed"),
         ]
-        bad = await pool.key_op("keys.create", {"scheme": "rsa"})
+        bad = await pool.key_op("keys.create", {**create, "scheme": "rsa"})
         assert bad["ok"] is False and bad["error"]["code"] == "invalid_argument"
     finally:
         await pool.close()
@@ -121,7 +136,8 @@ def _still_serving(url: str) -> None:
     with _connect(url) as s:
         assert _read_frame(s)["t"] == frames.HELLO  # type: ignore[index]
         s.sendall(frames.encode_frame({"t": frames.PING, "id": 9}))
-        assert _read_frame(s) == {"t": frames.PONG, "id": 9}
+        pong = _read_frame(s)
+        assert pong is not None and (pong["t"], pong["id"]) == (frames.PONG, 9)
 
 
 @pytest.mark.parametrize(
@@ -142,7 +158,8 @@ def test_bad_frame_closes_only_that_connection(enclave: str, garbage: bytes) -> 
         attacker.sendall(garbage)
         _drain_until_closed(attacker)  # an ERROR frame may come first, then EOF
         bystander.sendall(frames.encode_frame({"t": frames.PING, "id": 1}))
-        assert _read_frame(bystander) == {"t": frames.PONG, "id": 1}
+        pong = _read_frame(bystander)
+        assert pong is not None and (pong["t"], pong["id"]) == (frames.PONG, 1)
 
 
 _valid = [
