@@ -69,6 +69,7 @@ class EnclaveServer:
         self.vault = vault
         self.service = SigningService(enclave_id, vault) if vault is not None else None
         self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         self._server = await serve_channel(self.url, self._on_connection)
@@ -82,6 +83,12 @@ class EnclaveServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        for task in list(self._handlers):  # connections end before the vault closes under them
+            task.cancel()
+        for task in list(self._handlers):
+            with contextlib.suppress(BaseException):
+                await task
+        if self._server is not None:
             await self._server.wait_closed()
         if self.vault is not None:
             await self.vault.close()
@@ -106,6 +113,9 @@ class EnclaveServer:
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         frames.limit_write_buffer(writer)
         conn = _Connection(self, writer)
+        me = asyncio.current_task()
+        if me is not None:
+            self._handlers.add(me)
         try:
             hello = {
                 "t": frames.HELLO,
@@ -124,7 +134,13 @@ class EnclaveServer:
                 await conn.send({"t": frames.ERROR, "code": exc.code, "message": str(exc)[:200]})
         except ConnectionError as exc:
             log.info("channel_lost", error=type(exc).__name__)
+        except asyncio.CancelledError:
+            # shutdown: this handler is the connection's owner and ends it here; re-raising would
+            # only make asyncio's stream callback log the cancellation as an error
+            log.info("channel_closed_for_shutdown")
         finally:
+            if me is not None:
+                self._handlers.discard(me)
             await conn.cancel_tasks()  # the host re-dispatches what was not answered
             writer.close()
             with contextlib.suppress(Exception):

@@ -11,7 +11,11 @@ import signal
 import sys
 from pathlib import Path
 
+from cryptography import x509
+
 from schemas.logs import configure_logging
+
+from .config import HostConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +29,20 @@ def main(argv: list[str] | None = None) -> int:
     ksub = keys.add_subparsers(dest="keys_cmd", required=True)
     kc = ksub.add_parser("create", help="create a key inside an enclave")
     kc.add_argument("--scheme", choices=["secp256k1", "ed25519"], default="secp256k1")
-    ksub.add_parser("list", help="list the keys an enclave holds")
+    kc.add_argument("--keyring", default=None, help="keyring to add it to (default: SIGNER_DEFAULT_KEYRING)")
+    ksub.add_parser("list", help="list the keys in the key store")
+    ki = ksub.add_parser("import", help="import a private key, encrypted to an attested enclave")
+    ki.add_argument("--scheme", choices=["secp256k1", "ed25519"], default="secp256k1")
+    ki.add_argument("--keyring", default=None)
+    ki.add_argument("--key-file", required=True, help="file holding the 32-byte private key as hex ('-' = stdin)")
+    ki.add_argument(
+        "--attestation-root",
+        default=os.environ.get("SIGNER_ATTESTATION_ROOT", ""),
+        help="DER root certificate to verify the enclave against (dev: DATA_DIR/devkms/pki/root.der)",
+    )
+    ki.add_argument("--expect-pcr0", default=None, help="refuse unless the enclave runs this image (hex)")
+    kr = ksub.add_parser("rotate-dek", help="new data key version for a keyring; its keys are sealed again")
+    kr.add_argument("--keyring", default=None)
     args = ap.parse_args(argv)
 
     configure_logging("signer", os.environ.get("SIGNER_LOG_LEVEL", "WARNING" if args.cmd != "host" else "INFO"))
@@ -123,7 +140,7 @@ async def _host() -> int:
 
 async def _keys(args: argparse.Namespace) -> int:
     from .admin_client import admin_call
-    from .config import ConfigError, HostConfig
+    from .config import ConfigError
 
     cfg = HostConfig.from_env()
     if not cfg.bootstrap:
@@ -131,9 +148,47 @@ async def _keys(args: argparse.Namespace) -> int:
             "KAFKA_BOOTSTRAP is not set: start a cluster with `python -m signer up` and export "
             "the KAFKA_BOOTSTRAP=HOST:PORT line it prints"
         )
+    ring = {"keyring": args.keyring} if getattr(args, "keyring", None) else {}
     if args.keys_cmd == "create":
-        result = await admin_call(cfg.bootstrap, "keys.create", {"scheme": args.scheme}, cfg.layout)
+        result = await admin_call(cfg.bootstrap, "keys.create", {"scheme": args.scheme, **ring}, cfg.layout)
+    elif args.keys_cmd == "import":
+        result = await _import(cfg, args, ring)
+    elif args.keys_cmd == "rotate-dek":
+        result = await admin_call(cfg.bootstrap, "keys.rotate_dek", ring, cfg.layout)
     else:
         result = await admin_call(cfg.bootstrap, "keys.list", {}, cfg.layout)
     print(json.dumps(result))
     return 0
+
+
+def _import_inputs(args: argparse.Namespace) -> tuple[bytes, x509.Certificate]:
+    """The private key and the root to trust, read before anything is sent."""
+    from .config import ConfigError
+
+    if not args.attestation_root or not Path(args.attestation_root).is_file():
+        raise ConfigError("--attestation-root (SIGNER_ATTESTATION_ROOT) must name the DER root certificate to trust")
+    text = sys.stdin.read() if args.key_file == "-" else Path(args.key_file).read_text()
+    try:
+        secret = bytes.fromhex(text.strip().removeprefix("0x"))
+    except ValueError:
+        raise ConfigError(f"{args.key_file}: not a hex private key") from None
+    if len(secret) != 32:
+        raise ConfigError(f"{args.key_file}: a private key is 32 bytes, this is {len(secret)}")
+    return secret, x509.load_der_x509_certificate(Path(args.attestation_root).read_bytes())
+
+
+async def _import(cfg: HostConfig, args: argparse.Namespace, ring: dict[str, str]) -> dict[str, object]:
+    from schemas.attestation import AttestationError
+
+    from .admin_client import admin_call
+    from .config import ConfigError
+    from .key_import import encrypt_for_enclave
+
+    secret, root = _import_inputs(args)
+    target = await admin_call(cfg.bootstrap, "keys.import_target", ring, cfg.layout)
+    try:
+        encrypted = encrypt_for_enclave(target["attestation_document"], secret, root, args.expect_pcr0)
+    except AttestationError as exc:
+        raise ConfigError(f"refusing to send the key: the enclave's attestation does not verify: {exc}") from None
+    op = {"scheme": args.scheme, "enclave_id": target["enclave_id"], "encrypted_key": encrypted, **ring}
+    return await admin_call(cfg.bootstrap, "keys.import", op, cfg.layout)

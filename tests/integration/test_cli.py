@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from eth_account import Account
+
 from broker.local_kafka import api_versions_ok
 from tests.conftest import ROOT
 from tests.procs import Proc
@@ -46,6 +48,22 @@ def test_up_serves_outside_producers_and_keys_create_reaches_it(tmp_path: Path) 
         assert key["address"].startswith("0x") and len(bytes.fromhex(key["public_key"])) == 65
         listed = json.loads(run_cli("keys", "list", env={"KAFKA_BOOTSTRAP": bootstrap}).stdout)
         assert [k["key_id"] for k in listed["keys"]] == [key["key_id"]]
+        # import a known key, encrypted to the attested enclave by the CLI; then rotate the keyring's DEK
+        secret = "0x4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318"
+        (tmp_path / "key.hex").write_text(secret + "\n")
+        root = tmp_path / "data" / "devkms" / "pki" / "root.der"
+        env = {"KAFKA_BOOTSTRAP": bootstrap}
+        out = run_cli("keys", "import", "--key-file", str(tmp_path / "key.hex"), "--keyring", "imported",
+                      "--attestation-root", str(root), env=env)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["address"] == Account.from_key(secret).address
+        assert secret[2:] not in out.stdout + out.stderr
+        wrong = run_cli("keys", "import", "--key-file", str(tmp_path / "key.hex"), "--attestation-root", str(root),
+                        "--expect-pcr0", "00" * 48, env=env)  # fmt: skip
+        assert wrong.returncode == 2 and "attestation does not verify" in wrong.stderr
+        rotated = run_cli("keys", "rotate-dek", "--keyring", "imported", env=env)
+        assert rotated.returncode == 0, rotated.stderr
+        assert json.loads(rotated.stdout) == {"keyring": "imported", "dek_version": 2, "keys": 1}
     finally:
         code = up.stop(signal.SIGINT, timeout=60)
     assert code == 0
