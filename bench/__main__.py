@@ -76,10 +76,15 @@ async def end_to_end(n: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
-    ap.add_argument("what", nargs="?", choices=["e2e", "channel"], default="e2e")
+    ap.add_argument("what", nargs="?", choices=["e2e", "channel", "vault"], default="e2e")
     ap.add_argument("-n", type=int, default=20000)
     args = ap.parse_args()
     configure_logging("bench", os.environ.get("SIGNER_LOG_LEVEL", "WARNING"))
+    if args.what == "vault":
+        from .vault import run_vault_bench
+
+        print(json.dumps(asyncio.run(run_vault_bench(signatures=args.n)), indent=2))
+        return
     if args.what == "channel":
         from .channel import run_channel_bench
 

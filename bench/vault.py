@@ -1,0 +1,124 @@
+"""Key vault costs, in one run: a cold keyring unwrap (attestation + KMS Decrypt + CMS) against
+a warm signature, and KMS calls per 1000 signatures at steady state.
+
+Real parts: the dev KMS and an enclave worker process; the host side is the library's
+pool, key manager and key store.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+
+from devkms.__main__ import DEV_ACCESS_KEY_ID, DEV_SECRET_ACCESS_KEY
+from devkms.policy import attested_keyring_policy
+from enclave_worker.attestation import measure_enclave_code
+from enclave_worker.kms import KmsClient, KmsConfig
+from signer.cluster import ChildProcess
+from signer.keys import KeyManager
+from signer.keystore import DirectoryKeyStore
+from signer.pool import EnclavePool, PoolSettings
+
+CREDS = {"SIGNER_KMS_ACCESS_KEY_ID": DEV_ACCESS_KEY_ID, "SIGNER_KMS_SECRET_ACCESS_KEY": DEV_SECRET_ACCESS_KEY}
+
+
+def _req(i: int, key_id: str) -> bytes:
+    return msgpack.packb(
+        {"v": 1, "request_id": f"v{i}", "key_id": key_id, "scheme": "secp256k1_digest", "payload": os.urandom(32)}
+    )
+
+
+async def _kms_calls(url: str, reset: bool = False) -> dict[str, int]:
+    async with aiohttp.ClientSession() as s:
+        if reset:
+            await s.post(f"{url}/_dev/stats/reset")
+        async with s.get(f"{url}/_dev/stats") as r:
+            return dict((await r.json())["calls"])
+
+
+async def run_vault_bench(keyrings: int = 5, keys_per_ring: int = 10, signatures: int = 20_000) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="signer-vault-bench-"))
+    kms = ChildProcess("devkms", ["--data-dir", str(work / "devkms")], CREDS)
+    await kms.start()
+    url = kms.ready_line.split()[1]
+    client = KmsClient(KmsConfig(url, access_key_id=DEV_ACCESS_KEY_ID, secret_access_key=DEV_SECRET_ACCESS_KEY))
+    kms_key = await client.create_key(attested_keyring_policy(measure_enclave_code().hex()))
+    await client.close()
+    env = {
+        **CREDS,
+        "SIGNER_KMS_ENDPOINT": url,
+        "ENCLAVE_ATTESTATION": "dev",
+        "ENCLAVE_DEV_PKI": str(work / "devkms/pki"),
+    }
+    store = DirectoryKeyStore(work / "keystore")
+
+    async def enclave_and_pool(name: str) -> tuple[ChildProcess, EnclavePool, KeyManager]:
+        sock = f"unix://{work / (name + '.sock')}"
+        proc = ChildProcess("enclave_worker", ["--listen", sock, "--enclave-id", name], env)
+        await proc.start()
+        holder: dict[str, KeyManager] = {}
+
+        async def prepare(conn: Any) -> None:
+            await holder["keys"].load_into(conn)
+
+        pool = EnclavePool([sock], PoolSettings(connections_per_enclave=1), prepare=prepare)
+        holder["keys"] = KeyManager(pool, store, kms_key)
+        await pool.start(ready_timeout=20)
+        return proc, pool, holder["keys"]
+
+    try:
+        proc, pool, keys = await enclave_and_pool("create")
+        key_ids = [
+            (await keys.handle("keys.create", {"scheme": "secp256k1", "keyring": f"ring{r}"}))["key_id"]
+            for r in range(keyrings)
+            for _ in range(keys_per_ring)
+        ]
+        await pool.close()
+        await proc.stop()
+
+        proc, pool, keys = await enclave_and_pool("cold")  # a fresh process: every data key is cold
+        await _kms_calls(url, reset=True)
+        cold = []
+        for r in range(keyrings):  # first signature per keyring: includes the unwrap
+            k = key_ids[r * keys_per_ring]
+            t0 = time.perf_counter()
+            res = await pool.sign(keys.route_key(k), _req(r, k))
+            assert res["status"] == "ok", res
+            cold.append(time.perf_counter() - t0)
+        warm = []
+        for i in range(200):
+            k = key_ids[i % len(key_ids)]
+            t0 = time.perf_counter()
+            await pool.sign(keys.route_key(k), _req(i, k))
+            warm.append(time.perf_counter() - t0)
+        await _kms_calls(url, reset=True)
+        batch = [
+            (keys.route_key(key_ids[i % len(key_ids)]), _req(i, key_ids[i % len(key_ids)])) for i in range(signatures)
+        ]
+        t0 = time.perf_counter()
+        results = await pool.submit_many(batch)
+        elapsed = time.perf_counter() - t0
+        assert all(r["status"] == "ok" for r in results)
+        steady_calls = sum((await _kms_calls(url)).values())
+        await pool.close()
+        await proc.stop()
+    finally:
+        await kms.stop()
+    cold_ms = sorted(c * 1000 for c in cold)
+    warm_ms = sorted(w * 1000 for w in warm)
+    return {
+        "keyrings": keyrings,
+        "keys": len(key_ids),
+        "cold_first_signature_ms_median": round(cold_ms[len(cold_ms) // 2], 2),
+        "warm_single_signature_ms_median": round(warm_ms[len(warm_ms) // 2], 3),
+        "cold_over_warm": round(cold_ms[len(cold_ms) // 2] / warm_ms[len(warm_ms) // 2], 1),
+        "steady_state_signatures": signatures,
+        "steady_state_signatures_per_s": round(signatures / elapsed),
+        "kms_calls_per_1000_signatures_steady_state": round(steady_calls * 1000 / signatures, 3),
+    }
