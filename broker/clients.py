@@ -38,6 +38,7 @@ def request_consumer(
         auto_offset_reset="earliest",
         isolation_level="read_committed",
         max_partition_fetch_bytes=1024 * 1024,
+        fetch_max_bytes=8 * 1024 * 1024,  # bounds the fetcher's buffer, whatever the backlog
         fetch_max_wait_ms=50,
     )
     opts.update(overrides)

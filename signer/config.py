@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import tomllib
 from dataclasses import dataclass, field
 
 from broker.topics import TopicLayout
@@ -10,9 +12,31 @@ from broker.topics import TopicLayout
 from .channel import ChannelSettings
 from .pool import PoolSettings
 
+_FILE_VALUES: dict[str, str] = {}
+
+
+def load_config_file(path: str) -> None:
+    """SIGNER_CONFIG_FILE: a TOML file of NAME = value pairs with the same names as the
+    environment variables; the environment still wins."""
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    for k, v in data.items():
+        if not isinstance(v, str | int | float | bool):
+            raise ConfigError(f"{path}: {k} must be a string, number or boolean")
+        _FILE_VALUES[k] = str(v).lower() if isinstance(v, bool) else str(v)
+
 
 def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
+    return os.environ.get(name, _FILE_VALUES.get(name, default))
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = _env(name, "true" if default else "false").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean (true/false)")
 
 
 class ConfigError(ValueError):
@@ -45,9 +69,23 @@ class HostConfig:
     keystore_dir: str = ""
     kms_key_id: str = ""
     default_keyring: str = "default"
+    max_in_flight: int = 10_000  # records fetched and not yet done; above it partitions pause
+    resume_below: int = 5_000  # paused partitions resume when in flight falls to this
+    commit_interval_s: float = 0.2
+    exactly_once: bool = False
+    transactional_id: str = ""
+    transaction_timeout_ms: int = 60_000
+    session_timeout_ms: int = 10_000
+    rebalance_drain_s: float = 20.0
 
     @classmethod
     def from_env(cls, **overrides: object) -> HostConfig:
+        path = os.environ.get("SIGNER_CONFIG_FILE")
+        if path:
+            try:
+                load_config_file(path)
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"SIGNER_CONFIG_FILE={path}: {exc}") from None
         layout = TopicLayout(
             requests=_env("SIGNER_TOPIC_REQUESTS", "sign.requests"),
             results=_env("SIGNER_TOPIC_RESULTS", "sign.results"),
@@ -82,7 +120,19 @@ class HostConfig:
             keystore_dir=_env("SIGNER_KEYSTORE_DIR", os.path.expanduser("~/.local/share/enclave-signer/keystore")),
             kms_key_id=_env("SIGNER_KMS_KEY_ID", ""),
             default_keyring=_env("SIGNER_DEFAULT_KEYRING", "default"),
+            max_in_flight=_int("SIGNER_MAX_IN_FLIGHT", 10_000, 1),
+            resume_below=_int("SIGNER_RESUME_BELOW", -1, -1),
+            commit_interval_s=_int("SIGNER_COMMIT_INTERVAL_MS", 200, 1) / 1000,
+            exactly_once=_bool("SIGNER_EXACTLY_ONCE", False),
+            transactional_id=_env("SIGNER_TRANSACTIONAL_ID", f"signer-{socket.gethostname()}-{os.getpid()}"),
+            transaction_timeout_ms=_int("SIGNER_TRANSACTION_TIMEOUT_MS", 60_000, 1000),
+            session_timeout_ms=_int("SIGNER_SESSION_TIMEOUT_MS", 10_000, 1000),
+            rebalance_drain_s=_int("SIGNER_REBALANCE_DRAIN_S", 20, 0),
         )
         for k, v in overrides.items():
             setattr(cfg, k, v)
+        if cfg.resume_below < 0:
+            cfg.resume_below = cfg.max_in_flight // 2
+        if cfg.resume_below >= cfg.max_in_flight:
+            raise ConfigError(f"SIGNER_RESUME_BELOW={cfg.resume_below} must be below SIGNER_MAX_IN_FLIGHT")
         return cfg

@@ -1,11 +1,19 @@
-"""The host worker: Kafka in, enclave channel, results out, offsets committed after results are durable.
+"""The host worker: Kafka in, enclave pool, results out, offsets committed only after results are durable.
 
-Per fetched batch: decode strictly (bad input -> DLQ with its original bytes),
-expire what is past its deadline, send the rest to the enclave as one frame,
-publish every result with the idempotent acks=all producer, wait for the
-acknowledgements, and only then commit the batch's offsets. A crash at any
-point re-delivers uncommitted requests; signing is deterministic, so a redone
-result carries the same bytes.
+At-least-once (default), pipelined: the fetch loop keeps fetching while earlier
+batches are signed; each record's output (result, DLQ record, admin reply) is
+published with the idempotent acks=all producer, and the OffsetTracker lets a
+partition's commit position move only past a contiguous run of records whose
+outputs are acknowledged. A crash re-delivers what was not committed; signing
+is deterministic, so a redone result carries the same bytes.
+
+Exactly-once (SIGNER_EXACTLY_ONCE=true): each fetched batch is one Kafka
+transaction - its outputs and its input offsets (send_offsets_to_transaction) -
+so a read_committed consumer sees each request's result once, across crashes.
+
+Backpressure: records in flight are bounded (SIGNER_MAX_IN_FLIGHT); at the
+bound the host pauses its partitions and resumes them below SIGNER_RESUME_BELOW,
+so memory stays bounded however far producers run ahead of the enclaves.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from typing import Any
 import msgpack
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from broker.clients import request_consumer, result_producer
@@ -33,27 +43,39 @@ from .config import HostConfig
 from .keys import KeyManager, KeyOpError
 from .keystore import DirectoryKeyStore
 from .metrics import EnclaveStatsCollector, HostMetrics
+from .offsets import OffsetTracker
 from .pool import EnclavePool
 
 log = structlog.get_logger("host")
+
+Records = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+# one output per input record: (topic, key, value, source partition, source offset)
+Output = tuple[str, bytes | None, bytes, TopicPartition, int]
 
 
 class HostWorker:
     def __init__(self, config: HostConfig, metrics: HostMetrics | None = None) -> None:
         if not config.enclaves:
             raise ValueError("no enclave channel configured (SIGNER_ENCLAVES)")
-        self.config = config
-        self.metrics = metrics or HostMetrics()
         if not config.keystore_dir:
             raise ValueError("no key store configured (SIGNER_KEYSTORE_DIR)")
+        self.config = config
+        self.metrics = metrics or HostMetrics()
         self.keystore = DirectoryKeyStore(Path(config.keystore_dir))
         self.pool = EnclavePool(config.enclaves, config.pool, self.metrics, prepare=self._prepare_connection)
         self.keys = KeyManager(self.pool, self.keystore, config.kms_key_id, config.default_keyring)
         EnclaveStatsCollector(self._enclave_stats, self.metrics.registry)
+        self.tracker = OffsetTracker()
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self._stopping = asyncio.Event()
+        self._commit_now = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._batch_lock = asyncio.Lock()  # exactly-once: the transaction in hand
+        self._paused = False
         self.kafka_ready = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------
 
     async def _prepare_connection(self, conn: EnclaveConnection) -> None:
         await self.keys.load_into(conn)
@@ -73,21 +95,32 @@ class HostWorker:
                 await self.pool.wait_ready()
         except TimeoutError:
             log.warning("no_enclave_yet", waited_s=cfg.enclave_wait_s, enclaves=cfg.enclaves)
-        self.producer = result_producer(cfg.bootstrap)
+        if cfg.exactly_once:
+            self.producer = result_producer(
+                cfg.bootstrap,
+                transactional_id=cfg.transactional_id,
+                transaction_timeout_ms=cfg.transaction_timeout_ms,
+            )
+        else:
+            self.producer = result_producer(cfg.bootstrap)
         await self.producer.start()
-        self.consumer = request_consumer(cfg.bootstrap, cfg.layout.requests, cfg.layout.admin, group_id=cfg.group_id)
+        self.consumer = request_consumer(
+            cfg.bootstrap, group_id=cfg.group_id, session_timeout_ms=cfg.session_timeout_ms,
+            heartbeat_interval_ms=max(500, cfg.session_timeout_ms // 5),
+        )  # fmt: skip
+        self.consumer.subscribe([cfg.layout.requests, cfg.layout.admin], listener=_Rebalance(self))
         await self.consumer.start()
         self.kafka_ready = True
+        log.info("host_started", mode="exactly_once" if cfg.exactly_once else "at_least_once",
+                 group=cfg.group_id, max_in_flight=cfg.max_in_flight)  # fmt: skip
 
     async def run(self) -> None:
-        """Consume until stop(); then finish the batch in hand, commit, leave the group."""
-        assert self.consumer is not None
+        """Consume until stop(); then finish what is in flight, commit, and leave the group."""
         try:
-            while not self._stopping.is_set():
-                await self.pool.wait_capacity()
-                batch = await self.consumer.getmany(timeout_ms=200, max_records=self.config.max_batch)
-                if batch:
-                    await self._process(batch)
+            if self.config.exactly_once:
+                await self._run_transactional()
+            else:
+                await self._run_pipelined()
         finally:
             await self._close()
 
@@ -95,7 +128,7 @@ class HostWorker:
         self._stopping.set()
 
     async def stop_within(self, run: asyncio.Task[None], timeout: float) -> None:
-        """Graceful stop: finish the batch in hand and commit; past the timeout, cancel.
+        """Graceful stop: stop fetching, finish in-flight work, publish, commit; past the timeout, cancel.
 
         Cancelling loses nothing: uncommitted requests are redelivered to the next
         owner of their partitions, and signing them again yields the same bytes.
@@ -105,7 +138,7 @@ class HostWorker:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(run)
         except TimeoutError:
-            log.warning("shutdown_timeout", timeout_s=timeout, in_flight=self.pool.in_flight + self.pool.queued)
+            log.warning("shutdown_timeout", timeout_s=timeout, in_flight=self.tracker.in_flight)
             run.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await run
@@ -113,90 +146,206 @@ class HostWorker:
     async def _close(self) -> None:
         self.kafka_ready = False
         if self.consumer is not None:
-            await self.consumer.stop()  # leaves the group
+            with contextlib.suppress(KafkaError):
+                await self.consumer.stop()  # leaves the group
         if self.producer is not None:
-            await self.producer.stop()  # flushes
+            with contextlib.suppress(KafkaError):
+                await self.producer.stop()  # flushes
         await self.pool.close()
         self.metrics.enclaves_connected.set(0)
 
-    async def _process(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
-        assert self.producer is not None and self.consumer is not None
+    # -- at-least-once, pipelined -----------------------------------------------------------------------
+
+    async def _run_pipelined(self) -> None:
+        assert self.consumer is not None
+        async with asyncio.TaskGroup() as tg:
+            committer = tg.create_task(self._commit_loop(), name="commit-loop")
+            while not self._stopping.is_set():
+                room = await self._backpressure()
+                batch = await self.consumer.getmany(timeout_ms=100, max_records=min(self.config.max_batch, room))
+                if not batch:
+                    continue
+                for tp, records in batch.items():
+                    self.tracker.add(tp, [r.offset for r in records])
+                self.metrics.in_flight.set(self.tracker.in_flight)
+                tg.create_task(self._process_pipelined(batch))
+            # stopping: no more fetches; everything in flight finishes, then the last commit
+            await self._wait_drained()
+            self._commit_now.set()
+            await committer
+
+    async def _backpressure(self) -> int:
+        """Pause or resume partitions around the watermarks; return how many records may be fetched."""
+        assert self.consumer is not None
+        cfg = self.config
+        in_flight = self.tracker.in_flight
+        if not self._paused and in_flight >= cfg.max_in_flight:
+            self._paused = True
+            self.consumer.pause(*self.consumer.assignment())
+            self.metrics.paused_partitions.set(len(self.consumer.paused()))
+            log.info("partitions_paused", in_flight=in_flight, partitions=len(self.consumer.paused()))
+        elif self._paused and in_flight <= cfg.resume_below:
+            self._paused = False
+            self.consumer.resume(*self.consumer.paused())
+            self.metrics.paused_partitions.set(0)
+            log.info("partitions_resumed", in_flight=in_flight)
+        return max(1, cfg.max_in_flight - in_flight)
+
+    async def _process_pipelined(self, batch: Records) -> None:
+        assert self.producer is not None
+        outputs = await self._outputs(batch)
+        t0 = time.perf_counter()
+        acks = []
+        for topic, key, value, tp, offset in outputs:
+            ack = await self.producer.send(topic, value, key=key)
+            ack.add_done_callback(lambda f, tp=tp, offset=offset: self._output_written(f, tp, offset))
+            acks.append(ack)
+        await asyncio.gather(*acks)  # a failed write fails this task, and with it the host: nothing is committed
+        self.metrics.stage.observe("result_publish", time.perf_counter() - t0)
+
+    def _output_written(self, fut: asyncio.Future[Any], tp: TopicPartition, offset: int) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self.tracker.done(tp, offset)
+            if self.tracker.in_flight == 0:
+                self._drained.set()
+        self.metrics.in_flight.set(self.tracker.in_flight)
+
+    async def _commit_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.commit_interval_s):
+                    await self._commit_now.wait()
+            await self._commit()
+            if self._commit_now.is_set() and self._stopping.is_set():
+                return
+
+    async def _commit(self, tps: list[TopicPartition] | None = None) -> None:
+        assert self.consumer is not None
+        offsets = self.tracker.committable(tps)
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit({tp: OffsetAndMetadata(off, "") for tp, off in offsets.items()})
+            self.tracker.mark_committed(offsets)
+        except CommitFailedError as exc:  # a rebalance is under way: the revoke handler commits what it can
+            log.info("commit_deferred", reason=str(exc)[:200])
+
+    async def _wait_drained(self, tps: list[TopicPartition] | None = None, timeout: float | None = None) -> bool:
+        async def drained() -> None:
+            while self.tracker.pending(tps) > 0:
+                self._drained.clear()
+                if tps is None:
+                    await self._drained.wait()
+                else:
+                    await asyncio.sleep(0.01)  # per-partition drains are rare (rebalances)
+
+        try:
+            async with asyncio.timeout(timeout):
+                await drained()
+            return True
+        except TimeoutError:
+            return False
+
+    # -- exactly-once -------------------------------------------------------------------------------------
+
+    async def _run_transactional(self) -> None:
+        assert self.consumer is not None and self.producer is not None
+        while not self._stopping.is_set():
+            batch = await self.consumer.getmany(timeout_ms=100, max_records=self.config.max_batch)
+            if not batch:
+                continue
+            async with self._batch_lock:
+                outputs = await self._outputs(batch)
+                t0 = time.perf_counter()
+                async with self.producer.transaction():
+                    for topic, key, value, _tp, _off in outputs:
+                        await self.producer.send(topic, value, key=key)
+                    offsets = {tp: OffsetAndMetadata(recs[-1].offset + 1, "") for tp, recs in batch.items()}
+                    await self.producer.send_offsets_to_transaction(offsets, self.config.group_id)
+                self.metrics.stage.observe("result_publish", time.perf_counter() - t0)
+
+    # -- from records to outputs ------------------------------------------------------------------------
+
+    async def _outputs(self, batch: Records) -> list[Output]:
+        """Every record of the batch becomes exactly one output: a result, a DLQ record or an admin reply."""
         cfg = self.config
         now_ms = int(time.time() * 1000)
-        acks: list[asyncio.Future[Any]] = []
-        to_sign: list[tuple[SignRequest, bytes, int]] = []
-        count = sum(len(r) for r in batch.values())
-        self.metrics.in_flight.set(count)
+        outputs: list[Output] = []
+        to_sign: list[tuple[SignRequest, ConsumerRecord[bytes, bytes]]] = []
         for tp, records in batch.items():
             for rec in records:
                 if tp.topic == cfg.layout.admin:
-                    acks.append(await self._admin(rec))
+                    outputs.append(await self._admin(rec))
                     continue
                 try:
                     req = decode_sign_request(rec.value)
                 except SchemaError as exc:
-                    acks.append(await self._to_dlq(rec, exc))
+                    outputs.append(self._dlq(rec, exc))
                     continue
                 self.metrics.stage.observe("kafka_wait", max(0, now_ms - rec.timestamp) / 1000)
                 if req.deadline_ms is not None and req.deadline_ms <= now_ms:
-                    expired = SignResult.failure(req.request_id, req.key_id, "expired", DEADLINE_PASSED,
-                                             "deadline passed before the request reached an enclave")  # fmt: skip
-                    acks.append(await self._publish(req, expired.to_wire()))
+                    outputs.append(self._result(req, rec, _expired(req, "before the request reached a host")))
                     continue
-                to_sign.append((req, rec.value, max(0, now_ms - rec.timestamp)))
+                to_sign.append((req, rec))
         if to_sign:
+            # checked again right before dispatch: a batch may have waited for capacity
+            now_ms = int(time.time() * 1000)
+            live = []
+            for req, rec in to_sign:
+                if req.deadline_ms is not None and req.deadline_ms <= now_ms:
+                    outputs.append(self._result(req, rec, _expired(req, "before dispatch to an enclave")))
+                else:
+                    live.append((req, rec))
             t0 = time.perf_counter()
             route = self.keys.route_key
-            results = await self.pool.submit_many([(route(req.key_id), raw) for req, raw, _ in to_sign])
-            await self._retry_keys_from_elsewhere(to_sign, results)
+            results = await self.pool.submit_many([(route(req.key_id), rec.value) for req, rec in live])
+            await self._retry_keys_from_elsewhere(live, results)
             self.metrics.stage.observe("enclave_round_trip", time.perf_counter() - t0)
-            for res, (req, _, wait_ms) in zip(results, to_sign, strict=True):
-                res.setdefault("timings_us", {})["kafka_wait"] = wait_ms * 1000
-                acks.append(await self._publish(req, res))
-        t0 = time.perf_counter()
-        await asyncio.gather(*acks)  # every result durably written (acks=all) ...
-        self.metrics.stage.observe("result_publish", time.perf_counter() - t0)
-        # ... before the offsets that produced them are committed
-        await self.consumer.commit({tp: OffsetAndMetadata(records[-1].offset + 1, "") for tp, records in batch.items()})
-        self.metrics.in_flight.set(0)
+            for (req, rec), res in zip(live, results, strict=True):
+                res.setdefault("timings_us", {})["kafka_wait"] = max(0, now_ms - rec.timestamp) * 1000
+                outputs.append(self._result(req, rec, res))
+        return outputs
 
     async def _retry_keys_from_elsewhere(
-        self, to_sign: list[tuple[SignRequest, bytes, int]], results: list[dict[str, Any]]
+        self, live: list[tuple[SignRequest, ConsumerRecord[bytes, bytes]]], results: list[dict[str, Any]]
     ) -> None:
         """A key the enclaves do not know may have been created through another host:
         re-read the key store, load what it has, and ask again once."""
         missing = [i for i, r in enumerate(results) if (r.get("error") or {}).get("code") == UNKNOWN_KEY]
         if not missing:
             return
-        found = await self.keys.reload_keys({to_sign[i][0].key_id for i in missing})
-        retry = [i for i in missing if to_sign[i][0].key_id in found]
+        found = await self.keys.reload_keys({live[i][0].key_id for i in missing})
+        retry = [i for i in missing if live[i][0].key_id in found]
         if retry:
             route = self.keys.route_key
-            again = await self.pool.submit_many([(route(to_sign[i][0].key_id), to_sign[i][1]) for i in retry])
+            again = await self.pool.submit_many([(route(live[i][0].key_id), live[i][1].value) for i in retry])
             for i, res in zip(retry, again, strict=True):
                 results[i] = res
 
-    async def _publish(self, req: SignRequest, result: dict[str, Any]) -> asyncio.Future[Any]:
-        assert self.producer is not None
-        self.metrics.requests.labels(req.scheme, result.get("status", "error")).inc()
+    def _result(self, req: SignRequest, rec: ConsumerRecord[bytes, bytes], result: dict[str, Any]) -> Output:
+        status = result.get("status", "error")
+        self.metrics.requests.labels(req.scheme, status).inc()
+        if status != "ok":
+            err = result.get("error") or {}
+            log.info("request_refused", request_id=req.request_id, key_id=req.key_id, status=status,
+                     code=err.get("code"))  # fmt: skip
         topic = req.reply_topic or self.config.layout.results
-        return await self.producer.send(topic, msgpack.packb(result, use_bin_type=True), key=req.request_id.encode())
+        value = msgpack.packb(result, use_bin_type=True)
+        return topic, req.request_id.encode(), value, TopicPartition(rec.topic, rec.partition), rec.offset
 
-    async def _to_dlq(self, rec: ConsumerRecord[bytes, bytes], exc: SchemaError) -> asyncio.Future[Any]:
-        assert self.producer is not None
+    def _dlq(self, rec: ConsumerRecord[bytes, bytes], exc: SchemaError) -> Output:
         self.metrics.dlq.labels(exc.code).inc()
         log.info("dlq", reason=exc.code, topic=rec.topic, partition=rec.partition, offset=rec.offset,
                  request_id=exc.request_id)  # fmt: skip
         record = DlqRecord(exc.code, exc.message, rec.topic, rec.partition, rec.offset, rec.value,
                            rec.key, exc.request_id)  # fmt: skip
-        return await self.producer.send(self.config.layout.dlq, record.encode(), key=rec.key)
+        return self.config.layout.dlq, rec.key, record.encode(), TopicPartition(rec.topic, rec.partition), rec.offset
 
-    async def _admin(self, rec: ConsumerRecord[bytes, bytes]) -> asyncio.Future[Any]:
-        assert self.producer is not None
+    async def _admin(self, rec: ConsumerRecord[bytes, bytes]) -> Output:
         try:
             req = decode_admin_request(rec.value)
         except SchemaError as exc:
-            return await self._to_dlq(rec, exc)
+            return self._dlq(rec, exc)
         body: dict[str, Any] = {"v": 1, "request_id": req["request_id"]}
         try:
             body.update(ok=True, result=await self.keys.handle(req["op"], req["args"]))
@@ -204,4 +353,36 @@ class HostWorker:
             body.update(ok=False, error={"code": exc.code, "message": exc.message})
         log.info("admin_op", op=req["op"], request_id=req["request_id"], ok=body["ok"])
         topic = req["reply_topic"] or self.config.layout.admin_replies
-        return await self.producer.send(topic, msgpack.packb(body, use_bin_type=True), key=req["request_id"].encode())
+        value = msgpack.packb(body, use_bin_type=True)
+        return topic, req["request_id"].encode(), value, TopicPartition(rec.topic, rec.partition), rec.offset
+
+
+def _expired(req: SignRequest, where: str) -> dict[str, Any]:
+    return SignResult.failure(
+        req.request_id, req.key_id, "expired", DEADLINE_PASSED, f"deadline passed {where}"
+    ).to_wire()
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Hand partitions over without loss: finish their in-flight work and commit before letting go."""
+
+    def __init__(self, host: HostWorker) -> None:
+        self.host = host
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        host = self.host
+        revoked = list(revoked)
+        if host.config.exactly_once:
+            async with host._batch_lock:  # the transaction in hand completes (or aborts) first
+                return
+        drained = await host._wait_drained(revoked, timeout=host.config.rebalance_drain_s)
+        with contextlib.suppress(KafkaError):
+            await host._commit(revoked)
+        host.tracker.forget(revoked)
+        log.info("partitions_revoked", partitions=len(revoked), drained=drained)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        host = self.host
+        if host._paused and host.consumer is not None and assigned:
+            host.consumer.pause(*assigned)
+        log.info("partitions_assigned", partitions=len(assigned))

@@ -83,7 +83,8 @@ class HostMetrics:
             "signer_frame_batch_size", "Requests per frame sent to an enclave",
             buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500), registry=r,
         )  # fmt: skip
-        self.in_flight = Gauge("signer_in_flight", "Requests consumed and not yet committed", registry=r)
+        self.in_flight = Gauge("signer_in_flight", "Records fetched whose output is not yet written", registry=r)
+        self.paused_partitions = Gauge("signer_paused_partitions", "Partitions paused by backpressure", registry=r)
         self.reconnects = Counter("signer_channel_reconnects", "Channel reconnects", registry=r)
         self.redispatched = Counter(
             "signer_redispatched_requests", "Requests re-dispatched after their connection was lost", registry=r
