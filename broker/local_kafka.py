@@ -299,6 +299,8 @@ class LocalKafka:
                 "share.coordinator.state.topic.replication.factor=1",
                 "share.coordinator.state.topic.min.isr=1",
                 "group.initial.rebalance.delay.ms=0",
+                # abort a dead producer's open transaction within ~a second of its timeout (default 10 s)
+                "transaction.abort.timed.out.transaction.cleanup.interval.ms=1000",
                 "",
             ]
         )
