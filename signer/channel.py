@@ -73,6 +73,8 @@ class Batch:
     def fail(self, exc: BaseException) -> None:
         if not self.future.done():
             self.future.set_exception(exc)
+            # a batch abandoned at shutdown may have no one left awaiting it: do not warn about that
+            self.future.add_done_callback(lambda f: f.exception())
 
     @property
     def answered(self) -> int:

@@ -89,6 +89,9 @@ class HostMetrics:
         self.redispatched = Counter(
             "signer_redispatched_requests", "Requests re-dispatched after their connection was lost", registry=r
         )
+        self.spilled = Counter(
+            "signer_spilled_requests", "Requests sent to a less loaded enclave than their keyring's", registry=r
+        )
         self.frames = Counter(
             "signer_channel_frames", "Frames over enclave channels", ["direction", "channel"], registry=r
         )

@@ -36,6 +36,7 @@ class PoolSettings:
     backoff_min_s: float = 0.05
     backoff_max_s: float = 2.0
     max_queued: int = 20_000  # requests accepted but not yet sent; above this, callers wait
+    spill_after: int = 1024  # the affine enclave has this many queued beyond its credits: use the least loaded
     channel: ChannelSettings = field(default_factory=ChannelSettings)
 
 
@@ -209,7 +210,15 @@ class EnclavePool:
             if self._live_urls:
                 self._on_up()
             return
-        min(conns, key=lambda c: c.load - c.credits).enqueue(p)
+        best = min(conns, key=lambda c: c.load - c.credits)
+        if len(best.queue) - best.credits >= self.settings.spill_after and len(self._live_urls) > 1:
+            # the affine enclave is saturated: spill to the least loaded one (it unwraps the keyring once)
+            others = [c for c in self.live() if c.url != url]
+            spill = min(others, key=lambda c: c.load - c.credits)
+            if spill.load - spill.credits < best.load - best.credits:
+                self.metrics.spilled.inc()
+                best = spill
+        best.enqueue(p)
 
     def _on_lost(self, conn: EnclaveConnection, unanswered: list[Pending]) -> None:
         self._refresh_gauges()

@@ -255,3 +255,38 @@ async def test_link_shaping_adds_the_configured_delay(sock_dir: Path, tmp_path: 
         assert await bulk_seconds(url + "?bandwidth_mbps=8", big) >= 0.38
     finally:
         proc.stop()
+
+
+async def test_a_saturated_enclave_spills_to_the_least_loaded(sock_dir: Path) -> None:
+    # e0 grants 4 credits and never answers; e1 answers everything: work for e0's keys spills to e1
+    async def answer(enclave: ScriptedEnclave, body: dict[str, object], writer: asyncio.StreamWriter) -> None:
+        if body["t"] == frames.SIGN:
+            items = body["items"]
+            await enclave.send(
+                {
+                    "t": frames.RESULTS,
+                    "credits": len(items),
+                    "items": [
+                        [c, {"request_id": msgpack.unpackb(r)["request_id"], "signature": hashlib.sha256(r).digest()}]
+                        for c, r in items
+                    ],
+                },
+                writer,
+            )  # type: ignore[union-attr]
+
+    async with ScriptedEnclave(sock_dir / "stuck.sock", credits=4) as stuck, \
+               ScriptedEnclave(sock_dir / "ok.sock", credits=1000, on_frame=answer) as ok:  # fmt: skip
+        metrics = HostMetrics()
+        settings = PoolSettings(connections_per_enclave=1, spill_after=10)
+        pool = EnclavePool([stuck.url, ok.url], settings, metrics)
+        try:
+            await pool.start(ready_timeout=10)
+            await wait_until(lambda: len(pool.live()) == 2, what="both enclaves")
+            key = next(f"k{i}" for i in range(1000) if pool.affinity(f"k{i}") == stuck.url)
+            raws = [_raw(i) for i in range(200)]
+            batch = pool.submit_many([(key, r) for r in raws])
+            await wait_until(lambda: batch.answered >= 200 - 4 - 10, what="spilled requests answered")
+            assert metrics.spilled._value.get() > 0
+            assert len(stuck.received) == 4  # it never got more than its credits
+        finally:
+            await pool.close()
