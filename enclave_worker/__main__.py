@@ -18,6 +18,7 @@ from pathlib import Path
 from schemas.logs import configure_logging
 from schemas.transport import TransportUrlError, parse_channel_url
 
+from .auth import Authenticator
 from .server import EnclaveServer
 from .vault import Vault, VaultSettings
 
@@ -61,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.attestation == "dev" and not (Path(args.dev_pki) / "root.der").exists():
             return _fail(f"--dev-pki {args.dev_pki!r} holds no dev PKI (start the dev KMS first: python -m devkms)")
         vault = _vault(args)
-    asyncio.run(_run(EnclaveServer(args.listen, args.enclave_id, args.credits, args.handler, vault)))
+    auth = Authenticator(
+        window_s=float(_env("ENCLAVE_AUTH_WINDOW_S", "300")),
+        replay_capacity=int(_env("ENCLAVE_REPLAY_CACHE", "100000")),
+    )
+    asyncio.run(_run(EnclaveServer(args.listen, args.enclave_id, args.credits, args.handler, vault, auth)))
     return 0
 
 

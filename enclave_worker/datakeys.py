@@ -71,6 +71,11 @@ class DataKeyCache:
             self._evict(next(iter(self._entries)))
         return entry
 
+    def forget_wallet(self, key_id: str) -> None:
+        """A key's sealed record changed: its opened wallet must be opened (and checked) again."""
+        for entry in self._entries.values():
+            entry.wallets.pop(key_id, None)
+
     def drop(self, keyring_id: str, version: int) -> None:
         if (keyring_id, version) in self._entries:
             self._evict((keyring_id, version))

@@ -52,11 +52,20 @@ class SealedKey:
     nonce: bytes
     ciphertext: bytes  # AES-256-GCM(secret) with tag
     created_ms: int
+    policy: dict[str, Any] | None = None  # sealed with the key: part of the associated data
 
     def aad(self) -> bytes:
-        return msgpack.packb(
-            ["signer-key/v1", self.keyring_id, self.dek_version, self.key_id, self.scheme, self.public_key]
-        )
+        bound: list[Any] = [
+            "signer-key/v1",
+            self.keyring_id,
+            self.dek_version,
+            self.key_id,
+            self.scheme,
+            self.public_key,
+        ]
+        if self.policy is not None:
+            bound.append(_canonical(self.policy))
+        return msgpack.packb(bound, use_bin_type=True)
 
     def describe(self) -> dict[str, Any]:
         """What a key's owner may see: no secret, sealed or not."""
@@ -64,6 +73,8 @@ class SealedKey:
                                "keyring": self.keyring_id}  # fmt: skip
         if self.address:
             out["address"] = self.address
+        if self.policy is not None:
+            out["policy"] = self.policy
         return out
 
     def to_wire(self) -> dict[str, Any]:
@@ -73,13 +84,23 @@ class SealedKey:
     def from_wire(cls, m: dict[str, Any]) -> SealedKey:
         return cls(str(m["key_id"]), str(m["keyring_id"]), int(m["dek_version"]), str(m["scheme"]),
                    bytes(m["public_key"]), m.get("address"), bytes(m["nonce"]), bytes(m["ciphertext"]),
-                   int(m["created_ms"]))  # fmt: skip
+                   int(m["created_ms"]), m.get("policy"))  # fmt: skip
+
+
+def _canonical(obj: Any) -> Any:
+    """Maps with sorted keys, recursively: the same policy always binds the same bytes."""
+    if isinstance(obj, dict):
+        return [[k, _canonical(obj[k])] for k in sorted(obj)]
+    if isinstance(obj, list):
+        return [_canonical(x) for x in obj]
+    return obj
 
 
 def seal(dek: AESGCM, key_id: str, env: KeyringEnvelope, scheme: str, public_key: bytes, address: str | None,
-         secret: bytes, created_ms: int) -> SealedKey:  # fmt: skip
+         secret: bytes, created_ms: int, policy: dict[str, Any] | None = None) -> SealedKey:  # fmt: skip
     nonce = os.urandom(12)
-    draft = SealedKey(key_id, env.keyring_id, env.dek_version, scheme, public_key, address, nonce, b"", created_ms)
+    draft = SealedKey(key_id, env.keyring_id, env.dek_version, scheme, public_key, address, nonce, b"", created_ms,
+                      policy)  # fmt: skip
     return SealedKey(**{**asdict(draft), "ciphertext": dek.encrypt(nonce, secret, draft.aad())})
 
 

@@ -20,6 +20,7 @@ import structlog
 from schemas import frames
 from schemas.transport import serve_channel
 
+from .auth import Authenticator
 from .keyring import KeyringEnvelope, SealedKey
 from .service import Deferred, SigningService
 from .vault import Vault, VaultError
@@ -58,7 +59,13 @@ def noop_batch(items: list[Any]) -> list[list[Any]]:
 
 class EnclaveServer:
     def __init__(
-        self, url: str, enclave_id: str, credits: int = 4096, handler: str = "sign", vault: Vault | None = None
+        self,
+        url: str,
+        enclave_id: str,
+        credits: int = 4096,
+        handler: str = "sign",
+        vault: Vault | None = None,
+        auth: Authenticator | None = None,
     ) -> None:
         if handler == "sign" and vault is None:
             raise ValueError("the sign handler needs a vault (KMS endpoint and attestation provider)")
@@ -67,7 +74,7 @@ class EnclaveServer:
         self.credits = credits
         self.handler = handler
         self.vault = vault
-        self.service = SigningService(enclave_id, vault) if vault is not None else None
+        self.service = SigningService(enclave_id, vault, auth) if vault is not None else None
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
 
@@ -224,7 +231,9 @@ class _Connection:
             vault.load(envelopes, keys)
             return {"keyrings": len(vault.current), "keys": len(vault.sealed)}
         if op == "keys.create":
-            result = await vault.create_key(_name(args, "keyring"), _scheme(args), str(args.get("kms_key_id") or ""))
+            result = await vault.create_key(
+                _name(args, "keyring"), _scheme(args), str(args.get("kms_key_id") or ""), args.get("policy")
+            )
             log.info("key_created", key_id=result["key"]["key_id"], keyring=result["key"]["keyring"])
             return result
         if op == "keys.import_target":
@@ -234,7 +243,7 @@ class _Connection:
             if type(encrypted) is not bytes:
                 raise ValueError("encrypted_key must be bytes")
             result = await vault.import_key(_name(args, "keyring"), _scheme(args), str(args.get("kms_key_id") or ""),
-                                            encrypted)  # fmt: skip
+                                            encrypted, args.get("policy"))  # fmt: skip
             log.info("key_imported", key_id=result["key"]["key_id"], keyring=result["key"]["keyring"])
             return result
         if op == "keys.rotate_dek":

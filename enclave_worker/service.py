@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.errors import SchemaError
-from schemas.eth_tx import parse_eth_tx
+from schemas.eth_tx import EthTx, parse_eth_tx
 from schemas.sign_request import SignRequest, decode_sign_request
 from schemas.sign_result import (
     DEADLINE_PASSED,
@@ -30,6 +30,9 @@ from schemas.sign_result import (
 )
 
 from . import signers
+from .auth import Authenticator, AuthFailure
+from .eip712 import TypedDataError, typed_data_digest
+from .policy import PolicyError, PolicyViolation
 from .vault import Vault, VaultError
 from .wallets import Wallet
 
@@ -43,17 +46,32 @@ _KEY_SCHEMES = {
 
 
 @dataclass(slots=True)
+class Prepared:
+    """A request that passed validation, policy and authentication, ready for its key."""
+
+    req: SignRequest
+    tx: EthTx | None = None
+    typed_digest: bytes | None = None
+    auth_entry: Any = None  # the replay-cache entry to record the result in
+
+
+@dataclass(slots=True)
 class Deferred:
     corr_id: int
-    req: SignRequest
+    prepared: Prepared
     t0_ns: int
     deadline: float  # monotonic
 
+    @property
+    def req(self) -> SignRequest:
+        return self.prepared.req
+
 
 class SigningService:
-    def __init__(self, enclave_id: str, vault: Vault) -> None:
+    def __init__(self, enclave_id: str, vault: Vault, auth: Authenticator | None = None) -> None:
         self.enclave_id = enclave_id
         self.vault = vault
+        self.auth = auth or Authenticator()
 
     def sign_batch(self, items: list[Any]) -> tuple[list[list[Any]], list[Deferred]]:
         """items: [[corr_id, SignRequest bytes], ...] -> (results now, requests waiting for a keyring)."""
@@ -65,13 +83,16 @@ class SigningService:
             t0 = time.perf_counter_ns()
             try:
                 outcome = self._sign_hot(raw, now_ms)
-                if isinstance(outcome, SignRequest):
-                    req = outcome
+                if isinstance(outcome, Prepared):
+                    req = outcome.req
                     if req.deadline_ms is not None:
                         deadline = mono + (req.deadline_ms - now_ms) / 1000
                     else:
                         deadline = mono + self.vault.settings.unwrap_timeout_s
-                    deferred.append(Deferred(corr_id, req, t0, deadline))
+                    deferred.append(Deferred(corr_id, outcome, t0, deadline))
+                    continue
+                if isinstance(outcome, dict):  # signed now (or a redelivery's first result)
+                    ready.append([corr_id, outcome])
                     continue
                 result = outcome
             except Exception as exc:  # one bad item never takes down the batch or the loop
@@ -79,12 +100,16 @@ class SigningService:
             ready.append([corr_id, self._finish(result, t0)])
         return ready, deferred
 
-    def _finish(self, result: SignResult, t0_ns: int) -> dict[str, Any]:
+    def _finish(self, result: SignResult, t0_ns: int, prepared: Prepared | None = None) -> dict[str, Any]:
         result.enclave_id = self.enclave_id
         result.timings_us["enclave_service"] = (time.perf_counter_ns() - t0_ns) // 1000
-        return result.to_wire()
+        wire = result.to_wire()
+        if prepared is not None and prepared.auth_entry is not None and result.status != "expired":
+            prepared.auth_entry.result = wire  # a redelivery of this request gets these same bytes
+        return wire
 
-    def _sign_hot(self, raw: Any, now_ms: int) -> SignResult | SignRequest:
+    def _prepare(self, raw: Any, now_ms: int) -> SignResult | Prepared | dict[str, Any]:
+        """Decode, check deadline, key, scheme, policy and authentication; no key is opened yet."""
         try:
             req = decode_sign_request(raw)
         except SchemaError as exc:
@@ -102,16 +127,42 @@ class SigningService:
                 SCHEME_MISMATCH,
                 f"a {sealed.scheme} key cannot sign {req.scheme}",
             )
-        wallet = self.vault.hot_wallet(req.key_id)
+        prepared = Prepared(req)
+        try:
+            policy = self.vault.policy(req.key_id)
+            if req.scheme == "eth_tx":
+                prepared.tx = parse_eth_tx(req.payload, req.request_id)
+            elif req.scheme == "eth_typed_data":
+                prepared.typed_digest = typed_data_digest(req.payload)
+            if policy is not None:
+                policy.check(req.scheme, req.payload, prepared.tx)
+            prepared.auth_entry = self.auth.verify(req, policy)
+        except PolicyError as exc:
+            return SignResult.failure(req.request_id, req.key_id, "error", "invalid_policy", str(exc))
+        except (PolicyViolation, AuthFailure) as exc:
+            return SignResult.failure(req.request_id, req.key_id, "rejected", exc.code, exc.message)
+        except TypedDataError as exc:
+            status = "error" if exc.code == "invalid_typed_data" else "rejected"
+            return SignResult.failure(req.request_id, req.key_id, status, exc.code, exc.message)
+        if prepared.auth_entry is not None and prepared.auth_entry.result is not None:
+            return dict(prepared.auth_entry.result)  # a redelivery: the same result as the first time
+        return prepared
+
+    def _sign_hot(self, raw: Any, now_ms: int) -> SignResult | Prepared | dict[str, Any]:
+        t0 = time.perf_counter_ns()
+        outcome = self._prepare(raw, now_ms)
+        if not isinstance(outcome, Prepared):
+            return outcome
+        wallet = self.vault.hot_wallet(outcome.req.key_id)
         if wallet is None:
-            return req  # its keyring must be unwrapped first
-        return self._sign(req, wallet)
+            return outcome  # its keyring must be unwrapped first
+        return self._finish(self._sign(outcome, wallet), t0, outcome)
 
     async def sign_deferred(self, deferred: list[Deferred]) -> list[list[Any]]:
         """Unwrap each needed keyring once (concurrently), then sign or expire each request."""
         groups: dict[tuple[str, int], list[Deferred]] = {}
         for d in deferred:
-            sealed = self.vault.sealed[d.req.key_id]
+            sealed = self.vault.sealed[d.prepared.req.key_id]
             groups.setdefault((sealed.keyring_id, sealed.dek_version), []).append(d)
         slots = list(groups)
         outcomes = await asyncio.gather(
@@ -137,24 +188,29 @@ class SigningService:
                         wallet = self.vault.hot_wallet(d.req.key_id) or await self.vault.wallet(
                             d.req.key_id, d.deadline
                         )
-                        result = self._sign(d.req, wallet)
+                        result = self._sign(d.prepared, wallet)
                 except VaultError as exc:
                     result = SignResult.failure(d.req.request_id, d.req.key_id, exc.status, exc.code, exc.message)
                 except Exception as exc:
                     result = SignResult.failure(d.req.request_id, d.req.key_id, "error", INTERNAL,
                                                 f"enclave failed: {type(exc).__name__}")  # fmt: skip
                 result.timings_us["kms_wait"] = (time.perf_counter_ns() - d.t0_ns) // 1000
-                out.append([d.corr_id, self._finish(result, d.t0_ns)])
+                out.append([d.corr_id, self._finish(result, d.t0_ns, d.prepared)])
         return out
 
-    def _sign(self, req: SignRequest, wallet: Wallet) -> SignResult:
+    def _sign(self, prepared: Prepared, wallet: Wallet) -> SignResult:
+        req = prepared.req
         ok = SignResult(req.request_id, req.key_id, "ok")
         if req.scheme == "secp256k1_digest":
             ok.signature = signers.sign_digest(wallet.private, req.payload)
         elif req.scheme == "eth_personal":
             ok.signature = signers.sign_personal(wallet.private, req.payload)
+        elif req.scheme == "eth_typed_data":
+            assert prepared.typed_digest is not None
+            sig = signers.sign_digest(wallet.private, prepared.typed_digest)
+            ok.signature = sig[:64] + bytes((sig[64] + 27,))
         elif req.scheme == "eth_tx":
-            tx = parse_eth_tx(req.payload, req.request_id)
+            tx = prepared.tx or parse_eth_tx(req.payload, req.request_id)
             if tx.sender is not None and "0x" + tx.sender.hex() != (wallet.address or "").lower():
                 return SignResult.failure(
                     req.request_id, req.key_id, "rejected", SENDER_MISMATCH,

@@ -30,6 +30,7 @@ from .cms import OAEP_SHA256, CmsError, open_enveloped_data
 from .datakeys import CachedDataKey, DataKeyCache
 from .keyring import KeyringEnvelope, SealedKey, seal, unseal
 from .kms import KmsClient, KmsError
+from .policy import KeyPolicy, PolicyError, parse_policy
 from .wallets import Wallet, new_secret, wallet_from_secret
 
 log = structlog.get_logger("vault")
@@ -69,6 +70,7 @@ class Vault:
         self._sem: asyncio.Semaphore | None = None
         self._keyring_locks: dict[str, asyncio.Lock] = {}
         self.stats: Counter[str] = Counter()
+        self._policies: dict[str, tuple[SealedKey, KeyPolicy | None]] = {}
         self.unwrap_seconds = 0.0
 
     # -- loading what the host stores -------------------------------------------------------------
@@ -81,9 +83,22 @@ class Vault:
         for key in keys:
             have = self.sealed.get(key.key_id)
             if have is None or key.dek_version >= have.dek_version:
+                if have is not None and have != key:
+                    # a different record for the same key: nothing opened from the old one may be used
+                    self.cache.forget_wallet(key.key_id)
                 self.sealed[key.key_id] = key
 
     # -- the signing path -------------------------------------------------------------------------------
+
+    def policy(self, key_id: str) -> KeyPolicy | None:
+        """The key's parsed policy (sealed with it: it only counts once the key opens)."""
+        sealed = self.sealed.get(key_id)
+        if sealed is None or sealed.policy is None:
+            return None
+        cached = self._policies.get(key_id)
+        if cached is None or cached[0] is not sealed:
+            cached = self._policies[key_id] = (sealed, parse_policy(sealed.policy))
+        return cached[1]
 
     def hot_wallet(self, key_id: str) -> Wallet | None:
         """The wallet if its data key is cached (no await): the fast path."""
@@ -214,8 +229,14 @@ class Vault:
         self.load([env], [])
         return env, self.cache.put(keyring_id, version, dek)
 
-    async def _add_key(self, keyring_id: str, scheme: str, kms_key_id: str, secret: bytearray) -> dict[str, Any]:
+    async def _add_key(
+        self, keyring_id: str, scheme: str, kms_key_id: str, secret: bytearray, policy: dict[str, Any] | None
+    ) -> dict[str, Any]:
         try:
+            try:
+                parse_policy(policy)
+            except PolicyError as exc:
+                raise VaultError("invalid_policy", str(exc)) from None
             async with self._lock(keyring_id):
                 new_env = None
                 version = self.current.get(keyring_id)
@@ -229,7 +250,7 @@ class Vault:
                 key_id = "k_" + secrets.token_hex(10)
                 wallet = wallet_from_secret(key_id, scheme, bytes(secret))
                 sealed = seal(entry.aead, key_id, env, scheme, wallet.public_key, wallet.address, bytes(secret),
-                              int(time.time() * 1000))  # fmt: skip
+                              int(time.time() * 1000), policy)  # fmt: skip
         finally:
             secret[:] = bytes(len(secret))
         self.sealed[key_id] = sealed
@@ -240,19 +261,23 @@ class Vault:
             "envelope": new_env.to_wire() if new_env else None,
         }
 
-    async def create_key(self, keyring_id: str, scheme: str, kms_key_id: str) -> dict[str, Any]:
-        return await self._add_key(keyring_id, scheme, kms_key_id, bytearray(new_secret(scheme)))
+    async def create_key(
+        self, keyring_id: str, scheme: str, kms_key_id: str, policy: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return await self._add_key(keyring_id, scheme, kms_key_id, bytearray(new_secret(scheme)), policy)
 
     def import_target(self) -> dict[str, Any]:
         """An attestation document carrying the RSA key that key imports are encrypted to."""
         return {"attestation_document": self.attestation.document(public_key=self._spki)}
 
-    async def import_key(self, keyring_id: str, scheme: str, kms_key_id: str, encrypted_key: bytes) -> dict[str, Any]:
+    async def import_key(
+        self, keyring_id: str, scheme: str, kms_key_id: str, encrypted_key: bytes, policy: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         try:
             secret = bytearray(self._rsa.decrypt(encrypted_key, OAEP_SHA256))
         except ValueError:
             raise VaultError("invalid_argument", "the key is not RSA-OAEP-SHA256-encrypted to this enclave") from None
-        return await self._add_key(keyring_id, scheme, kms_key_id, secret)
+        return await self._add_key(keyring_id, scheme, kms_key_id, secret, policy)
 
     async def rotate_dek(self, keyring_id: str, kms_key_id: str) -> dict[str, Any]:
         """A new data key version for the keyring; every key of the keyring is sealed again under it."""
@@ -268,7 +293,7 @@ class Vault:
                 secret = bytearray(unseal(old_entry.aead, sealed))
                 try:
                     again = seal(new_entry.aead, sealed.key_id, new_env, sealed.scheme, sealed.public_key,
-                                 sealed.address, bytes(secret), sealed.created_ms)  # fmt: skip
+                                 sealed.address, bytes(secret), sealed.created_ms, sealed.policy)  # fmt: skip
                 finally:
                     secret[:] = bytes(len(secret))
                 self.sealed[sealed.key_id] = again

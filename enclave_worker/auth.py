@@ -1,0 +1,141 @@
+"""Request authentication inside the enclave: a registered client signs its request.
+
+The client signs the *canonical encoding* of the request: msgpack of
+["signer-auth/v1", request_id, key_id, scheme, payload, deadline_ms, reply_topic,
+ts_ms, nonce] with every map's keys sorted (recursively), so any msgpack library
+can reproduce it. `auth` = {"client_id", "ts_ms", "nonce" (8-32 bytes), "sig"}:
+ed25519 signs the encoding itself; secp256k1 signs SHA-256 of it (ECDSA, DER).
+
+Freshness: ts_ms within the window of the enclave's clock. Replay: a nonce seen
+before within the window with a *different* request is refused; the *same*
+request again (a redelivery after a crash) gets the result it got the first time,
+so a request never has two different results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import coincurve
+import msgpack
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from schemas.sign_request import SignRequest
+
+from .policy import KeyPolicy
+
+DEFAULT_WINDOW_S = 300.0
+
+
+class AuthFailure(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+
+def _sorted(obj: Any) -> Any:
+    if type(obj) is dict:
+        return {k: _sorted(obj[k]) for k in sorted(obj, key=lambda k: (str(type(k)), k))}
+    if type(obj) is list:
+        return [_sorted(x) for x in obj]
+    return obj
+
+
+def canonical_encoding(req: SignRequest | dict[str, Any], ts_ms: int, nonce: bytes) -> bytes:
+    """The bytes a client signs (also usable by clients: pass the request as a dict)."""
+    m = req.to_wire() if isinstance(req, SignRequest) else req
+    body = ["signer-auth/v1", m["request_id"], m["key_id"], m["scheme"], m["payload"],
+            m.get("deadline_ms"), m.get("reply_topic"), ts_ms, nonce]  # fmt: skip
+    return msgpack.packb(_sorted(body), use_bin_type=True)
+
+
+@dataclass
+class _Seen:
+    request_digest: bytes
+    expires: float
+    result: dict[str, Any] | None = None
+
+
+class ReplayCache:
+    """Bounded: nonces are remembered for the freshness window, at most `capacity` of them."""
+
+    def __init__(self, capacity: int = 100_000, window_s: float = DEFAULT_WINDOW_S) -> None:
+        self.capacity, self.window_s = capacity, window_s
+        self._seen: OrderedDict[tuple[str, bytes], _Seen] = OrderedDict()
+
+    def _evict(self, now: float) -> None:
+        while self._seen:
+            first = next(iter(self._seen.values()))
+            if first.expires > now and len(self._seen) <= self.capacity:
+                break
+            self._seen.popitem(last=False)
+
+    def check(self, client_id: str, nonce: bytes, digest: bytes) -> _Seen | None:
+        """The earlier sighting of this nonce for the same request (a redelivery), None if new;
+        raises AuthFailure if the nonce was used for a different request."""
+        now = time.monotonic()
+        self._evict(now)
+        seen = self._seen.get((client_id, nonce))
+        if seen is None:
+            entry = _Seen(digest, now + self.window_s)
+            self._seen[(client_id, nonce)] = entry
+            return None
+        if seen.request_digest != digest:
+            raise AuthFailure("auth_replayed", "this nonce was already used for another request")
+        return seen
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+class Authenticator:
+    def __init__(self, window_s: float = DEFAULT_WINDOW_S, replay_capacity: int = 100_000) -> None:
+        self.window_s = window_s
+        self.replays = ReplayCache(replay_capacity, window_s)
+
+    def verify(self, req: SignRequest, policy: KeyPolicy | None) -> _Seen | None:
+        """Check a request's auth against the key's policy; raise AuthFailure.
+
+        Returns the replay-cache entry when the request carried auth (so the caller can
+        record the result for a redelivery), or the earlier entry if this is one."""
+        auth = req.auth
+        if auth is None:
+            if policy is not None and policy.require_auth:
+                raise AuthFailure("auth_required", "this key only signs authenticated requests")
+            return None
+        if policy is None or not policy.clients:
+            raise AuthFailure("auth_unknown_client", "this key has no registered clients")
+        cid, ts, nonce, sig = auth.get("client_id"), auth.get("ts_ms"), auth.get("nonce"), auth.get("sig")
+        if type(cid) is not str or type(ts) is not int or type(nonce) is not bytes or type(sig) is not bytes:
+            raise AuthFailure("auth_malformed", "auth needs client_id (str), ts_ms (int), nonce and sig (bytes)")
+        if not 8 <= len(nonce) <= 32:
+            raise AuthFailure("auth_malformed", "the nonce must be 8-32 bytes")
+        client = policy.clients.get(cid)
+        if client is None:
+            raise AuthFailure("auth_unknown_client", f"client {cid[:64]!r} is not registered for this key")
+        if abs(time.time() * 1000 - ts) > self.window_s * 1000:
+            raise AuthFailure("auth_stale", f"ts_ms is outside the {self.window_s:.0f}s freshness window")
+        message = canonical_encoding(req, ts, nonce)
+        if not _signature_ok(client.scheme, client.public_key, message, sig):
+            raise AuthFailure("auth_bad_signature", "the request signature does not verify")
+        digest = hashlib.sha256(message).digest()
+        earlier = self.replays.check(cid, nonce, digest)
+        return earlier if earlier is not None else self.replays._seen[(cid, nonce)]
+
+
+def _signature_ok(scheme: str, public_key: bytes, message: bytes, sig: bytes) -> bool:
+    if scheme == "ed25519":
+        try:
+            Ed25519PublicKey.from_public_bytes(public_key).verify(sig, message)
+            return True
+        except (InvalidSignature, ValueError):
+            return False
+    try:
+        return bool(coincurve.PublicKey(public_key).verify(sig, hashlib.sha256(message).digest(), hasher=None))
+    except (ValueError, TypeError):
+        return False
