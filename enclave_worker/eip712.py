@@ -13,7 +13,7 @@ from typing import Any
 
 from schemas.keccak import keccak256
 
-MAX_DEPTH = 8  # struct and array nesting
+MAX_DEPTH = 16  # struct and array nesting levels
 MAX_ARRAY = 1024  # elements per array
 MAX_FIELDS = 64  # fields per struct type
 MAX_TYPES = 64  # struct types per document

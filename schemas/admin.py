@@ -31,6 +31,8 @@ def decode_admin_request(raw: bytes) -> dict[str, Any]:
     keyring = args.get("keyring")
     if keyring is not None and (type(keyring) is not str or not _KEYRING.match(keyring)):
         raise SchemaError(INVALID_VALUE, "'args.keyring' must be 1-64 letters, digits, '-' or '_'", rid)
+    if args.get("policy") is not None and type(args.get("policy")) is not dict:
+        raise SchemaError(INVALID_VALUE, "'args.policy' must be a map (see the key policy documentation)", rid)
     if op == "keys.import" and type(args.get("encrypted_key")) is not bytes:
         raise SchemaError(INVALID_VALUE, "'args.encrypted_key' must be bytes", rid)
     reply_topic = m.get("reply_topic")

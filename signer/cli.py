@@ -30,10 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     kc = ksub.add_parser("create", help="create a key inside an enclave")
     kc.add_argument("--scheme", choices=["secp256k1", "ed25519"], default="secp256k1")
     kc.add_argument("--keyring", default=None, help="keyring to add it to (default: SIGNER_DEFAULT_KEYRING)")
+    kc.add_argument("--policy", default=None, help="JSON file: the key's signing policy, sealed with it")
     ksub.add_parser("list", help="list the keys in the key store")
     ki = ksub.add_parser("import", help="import a private key, encrypted to an attested enclave")
     ki.add_argument("--scheme", choices=["secp256k1", "ed25519"], default="secp256k1")
     ki.add_argument("--keyring", default=None)
+    ki.add_argument("--policy", default=None, help="JSON file: the key's signing policy, sealed with it")
     ki.add_argument("--key-file", required=True, help="file holding the 32-byte private key as hex ('-' = stdin)")
     ki.add_argument(
         "--attestation-root",
@@ -148,7 +150,9 @@ async def _keys(args: argparse.Namespace) -> int:
             "KAFKA_BOOTSTRAP is not set: start a cluster with `python -m signer up` and export "
             "the KAFKA_BOOTSTRAP=HOST:PORT line it prints"
         )
-    ring = {"keyring": args.keyring} if getattr(args, "keyring", None) else {}
+    ring: dict[str, object] = {"keyring": args.keyring} if getattr(args, "keyring", None) else {}
+    if getattr(args, "policy", None):
+        ring["policy"] = _read_policy(args.policy)
     if args.keys_cmd == "create":
         result = await admin_call(cfg.bootstrap, "keys.create", {"scheme": args.scheme, **ring}, cfg.layout)
     elif args.keys_cmd == "import":
@@ -159,6 +163,18 @@ async def _keys(args: argparse.Namespace) -> int:
         result = await admin_call(cfg.bootstrap, "keys.list", {}, cfg.layout)
     print(json.dumps(result))
     return 0
+
+
+def _read_policy(path: str) -> dict[str, object]:
+    from .config import ConfigError
+
+    try:
+        policy = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--policy {path}: {exc}") from None
+    if not isinstance(policy, dict):
+        raise ConfigError(f"--policy {path}: the policy must be a JSON object")
+    return policy
 
 
 def _import_inputs(args: argparse.Namespace) -> tuple[bytes, x509.Certificate]:
@@ -177,7 +193,7 @@ def _import_inputs(args: argparse.Namespace) -> tuple[bytes, x509.Certificate]:
     return secret, x509.load_der_x509_certificate(Path(args.attestation_root).read_bytes())
 
 
-async def _import(cfg: HostConfig, args: argparse.Namespace, ring: dict[str, str]) -> dict[str, object]:
+async def _import(cfg: HostConfig, args: argparse.Namespace, ring: dict[str, object]) -> dict[str, object]:
     from schemas.attestation import AttestationError
 
     from .admin_client import admin_call

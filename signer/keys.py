@@ -68,7 +68,7 @@ class KeyManager:
                 self.store.refresh()
                 return {"keys": [k.describe() for k in self.store.keys()]}
             if op == "keys.create":
-                return await self._add(op, args, {"scheme": args.get("scheme")})
+                return await self._add(op, args, {"scheme": args.get("scheme"), "policy": args.get("policy")})
             if op == "keys.import_target":
                 keyring = str(args.get("keyring") or self.default_keyring)
                 reply = await self.pool.key_op("keys.import_target", {}, route_key=keyring)
@@ -77,7 +77,8 @@ class KeyManager:
                 enclave_id = args.get("enclave_id")
                 if not isinstance(enclave_id, str):
                     raise KeyOpError("invalid_argument", "enclave_id (from keys.import_target) is required")
-                extra = {"scheme": args.get("scheme"), "encrypted_key": args.get("encrypted_key")}
+                extra = {"scheme": args.get("scheme"), "encrypted_key": args.get("encrypted_key"),
+                         "policy": args.get("policy")}  # fmt: skip
                 return await self._add(op, args, extra, enclave_id=enclave_id)
             if op == "keys.rotate_dek":
                 return await self._rotate(str(args.get("keyring") or self.default_keyring))

@@ -107,7 +107,7 @@ def _as_eth_account(tx: dict[str, object]) -> dict[str, object]:
     return ref
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=2000, deadline=None)
 @given(transactions())
 def test_transactions_match_eth_account_byte_for_byte(tx: dict[str, object]) -> None:
     ours = signers.sign_eth_tx(KEY, parse_eth_tx(tx))
