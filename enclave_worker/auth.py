@@ -20,9 +20,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import coincurve
 import msgpack
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from schemas.sign_request import SignRequest
@@ -135,7 +136,11 @@ def _signature_ok(scheme: str, public_key: bytes, message: bytes, sig: bytes) ->
             return True
         except (InvalidSignature, ValueError):
             return False
+    # ECDSA over SHA-256, DER; OpenSSL (not libsecp256k1, which insists on low-s) so that any
+    # standard client library's signatures verify
     try:
-        return bool(coincurve.PublicKey(public_key).verify(sig, hashlib.sha256(message).digest(), hasher=None))
-    except (ValueError, TypeError):
+        key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256K1(), public_key)
+        key.verify(sig, message, ec.ECDSA(hashes.SHA256()))
+        return True
+    except (InvalidSignature, ValueError, TypeError):
         return False

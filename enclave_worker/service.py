@@ -153,7 +153,11 @@ class SigningService:
         outcome = self._prepare(raw, now_ms)
         if not isinstance(outcome, Prepared):
             return outcome
-        wallet = self.vault.hot_wallet(outcome.req.key_id)
+        req = outcome.req
+        try:
+            wallet = self.vault.hot_wallet(req.key_id)
+        except VaultError as exc:
+            return SignResult.failure(req.request_id, req.key_id, exc.status, exc.code, exc.message)
         if wallet is None:
             return outcome  # its keyring must be unwrapped first
         return self._finish(self._sign(outcome, wallet), t0, outcome)
