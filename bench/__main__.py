@@ -76,10 +76,15 @@ async def end_to_end(n: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
-    ap.add_argument("what", nargs="?", choices=["e2e", "channel", "vault"], default="e2e")
+    ap.add_argument("what", nargs="?", choices=["e2e", "channel", "vault", "schemes"], default="e2e")
     ap.add_argument("-n", type=int, default=20000)
     args = ap.parse_args()
     configure_logging("bench", os.environ.get("SIGNER_LOG_LEVEL", "WARNING"))
+    if args.what == "schemes":
+        from .schemes import run_scheme_bench
+
+        print(json.dumps(run_scheme_bench(min(args.n, 5000)), indent=2))
+        return
     if args.what == "vault":
         from .vault import run_vault_bench
 

@@ -131,7 +131,7 @@ class SigningService:
         try:
             policy = self.vault.policy(req.key_id)
             if req.scheme == "eth_tx":
-                prepared.tx = parse_eth_tx(req.payload, req.request_id)
+                prepared.tx = req.parsed or parse_eth_tx(req.payload, req.request_id)
             elif req.scheme == "eth_typed_data":
                 prepared.typed_digest = typed_data_digest(req.payload)
             if policy is not None:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from Crypto.Hash import keccak as _keccak
+try:
+    from sha3 import keccak_256 as _keccak_256  # safe-pysha3: the fast C implementation
 
+    def keccak256(data: bytes) -> bytes:
+        return bytes(_keccak_256(data).digest())
 
-def keccak256(data: bytes) -> bytes:
-    return _keccak.new(digest_bits=256, data=data).digest()
+except ImportError:  # pragma: no cover - platforms without a safe-pysha3 wheel
+    from Crypto.Hash import keccak as _keccak
+
+    def keccak256(data: bytes) -> bytes:
+        return _keccak.new(digest_bits=256, data=data).digest()
 
 
 def to_checksum_address(addr: bytes) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -39,6 +39,7 @@ class SignRequest:
     reply_topic: str | None = None
     auth: dict[str, Any] | None = None
     v: int = VERSION
+    parsed: Any = field(default=None, compare=False, repr=False)  # e.g. the EthTx of an eth_tx payload
 
     def to_wire(self) -> dict[str, Any]:
         m: dict[str, Any] = {
@@ -95,7 +96,8 @@ def sign_request_from_map(m: dict[str, Any]) -> SignRequest:
         raise SchemaError(WRONG_TYPE, "'scheme' must be a string", rid)
     if scheme not in SCHEMES:
         raise SchemaError(UNKNOWN_SCHEME, f"scheme '{scheme[:40]}' is not one of {SCHEMES}", rid)
-    payload = validate_payload(scheme, require(m, "payload", rid), rid)
+    payload = require(m, "payload", rid)
+    parsed = validate_payload(scheme, payload, rid)
     deadline = m.get("deadline_ms")
     if deadline is not None:
         deadline = as_int(deadline, "deadline_ms", rid)
@@ -109,11 +111,12 @@ def sign_request_from_map(m: dict[str, Any]) -> SignRequest:
     auth = m.get("auth")
     if auth is not None and type(auth) is not dict:
         raise SchemaError(WRONG_TYPE, "'auth' must be a map", rid)
-    return SignRequest(request_id, key_id, scheme, payload, deadline, reply_topic, auth)
+    return SignRequest(request_id, key_id, scheme, payload, deadline, reply_topic, auth, parsed=parsed)
 
 
 def validate_payload(scheme: str, payload: Any, rid: str | None) -> Any:
-    """Check the payload's shape for its scheme; the payload itself is passed on unchanged."""
+    """Check the payload's shape for its scheme; return its parsed form where there is one
+    (an EthTx for eth_tx), else None. The payload itself is passed on unchanged."""
     if scheme == "secp256k1_digest":
         digest = as_bytes(payload, "payload", rid, max_len=32)
         if len(digest) != 32:
@@ -121,7 +124,7 @@ def validate_payload(scheme: str, payload: Any, rid: str | None) -> Any:
     elif scheme in ("eth_personal", "ed25519"):
         as_bytes(payload, "payload", rid, max_len=MAX_MESSAGE_BYTES)
     elif scheme == "eth_tx":
-        parse_eth_tx(payload, rid)
+        return parse_eth_tx(payload, rid)
     elif scheme == "eth_typed_data":
         if type(payload) is not dict or not {"types", "primaryType", "domain", "message"} <= set(payload):
             raise SchemaError(
@@ -129,4 +132,4 @@ def validate_payload(scheme: str, payload: Any, rid: str | None) -> Any:
                 "eth_typed_data payload must be a map with types, primaryType, domain, message",
                 rid,
             )
-    return payload
+    return None

@@ -27,6 +27,14 @@ def test_keccak_is_ethereums_keccak() -> None:
     assert keccak256(b"").hex() == "c5d2460186f7233c927e7db2dcc703c0e500b653ca82273b7bfad8045d85a470"
 
 
+@settings(max_examples=300)
+@given(st.binary(max_size=2000))
+def test_keccak_matches_eth_hash(data: bytes) -> None:
+    from eth_utils import keccak
+
+    assert keccak256(data) == keccak(data)
+
+
 @settings(max_examples=100)
 @given(st.binary(min_size=20, max_size=20))
 def test_checksum_address_matches_eth_utils(addr: bytes) -> None:
