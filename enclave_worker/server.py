@@ -105,11 +105,12 @@ class EnclaveServer:
         if self.vault is None:
             return {}
         v = self.vault
+        counters = ("kms_decrypt", "kms_generate_data_key", "unwraps", "unwrap_joined", "unwrap_keys")
         return {
-            **{k: int(n) for k, n in v.stats.items()},
+            **{k: int(v.stats.get(k, 0)) for k in counters},
             "kms_calls": v.kms.calls,
             "kms_throttles": v.kms.throttles,
-            "unwrap_seconds": round(v.unwrap_seconds, 6),
+            "unwrap_hist": {"bounds": v.unwrap_bounds, "counts": list(v.unwrap_counts), "sum": v.unwrap_seconds},
             "cache_hits": v.cache.hits,
             "cache_misses": v.cache.misses,
             "cache_evictions": v.cache.evictions,

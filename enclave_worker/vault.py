@@ -16,6 +16,7 @@ import base64
 import contextlib
 import secrets
 import time
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,8 @@ from .policy import KeyPolicy, PolicyError, parse_policy
 from .wallets import Wallet, new_secret, wallet_from_secret
 
 log = structlog.get_logger("vault")
+
+UNWRAP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class VaultError(Exception):
@@ -70,6 +73,8 @@ class Vault:
         self._sem: asyncio.Semaphore | None = None
         self._keyring_locks: dict[str, asyncio.Lock] = {}
         self.stats: Counter[str] = Counter()
+        self.unwrap_bounds = list(UNWRAP_BUCKETS)
+        self.unwrap_counts = [0] * (len(UNWRAP_BUCKETS) + 1)
         self._policies: dict[str, tuple[SealedKey, KeyPolicy | None]] = {}
         self.unwrap_seconds = 0.0
 
@@ -182,6 +187,7 @@ class Vault:
             elapsed = time.monotonic() - t0
             self.stats["unwraps"] += 1
             self.unwrap_seconds += elapsed
+            self.unwrap_counts[bisect_left(self.unwrap_bounds, elapsed)] += 1
             opened = sum(1 for k in self.sealed.values() if (k.keyring_id, k.dek_version) == slot)
             self.stats["unwrap_keys"] += opened
             log.info("keyring_unwrapped", keyring=env.keyring_id, version=env.dek_version,

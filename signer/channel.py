@@ -94,6 +94,7 @@ class Pending:
     index: int
     sent_at: float = 0.0
     attempts: int = 0
+    enqueued_at: float = 0.0
 
     @property
     def settled(self) -> bool:
@@ -246,6 +247,7 @@ class EnclaveConnection:
         return len(self.queue) + len(self.inflight)
 
     def enqueue(self, pending: Pending) -> None:
+        pending.enqueued_at = time.perf_counter()
         self.queue.append(pending)
         if self.credits > 0:
             self._work.set()
@@ -269,6 +271,7 @@ class EnclaveConnection:
                 await asyncio.sleep(s.batch_window_s)  # coalesce: let more requests join this frame
             n_max = min(s.max_batch, self.credits, len(self.queue))
             items: list[list[Any]] = []
+            waits: list[float] = []
             size = 0
             now = time.perf_counter()
             while len(items) < n_max:
@@ -278,6 +281,7 @@ class EnclaveConnection:
                 self.queue.popleft()
                 corr_id = next(self._ids)
                 p.sent_at = now
+                waits.append(now - p.enqueued_at)
                 self.inflight[corr_id] = p
                 items.append([corr_id, p.raw])
                 size += len(p.raw)
@@ -291,7 +295,9 @@ class EnclaveConnection:
             self.stats.requests_out += len(items)
             self._m_frames_out.inc()
             self._m_bytes_out.inc(len(data))
-            self.metrics.batch_size.observe(len(items))
+            self.metrics.batch_size.observe(self.name, len(items))
+            self.metrics.stage.observe_many("credit_wait", waits)
+            self.metrics.channel_stage.observe_many((self.enclave_id, "credit_wait"), waits)
             self._m_credits.set(self.credits)
             if outbound is not None:
                 outbound.push(data, len(data))
@@ -357,6 +363,8 @@ class EnclaveConnection:
         m = self.metrics
         m.stage.observe_many("enclave_service", service)
         m.stage.observe_many("channel_transfer", transfer)
+        m.channel_stage.observe_many((self.enclave_id, "enclave_service"), service)
+        m.channel_stage.observe_many((self.enclave_id, "channel_transfer"), transfer)
         self._m_frames_in.inc()
         self.credits += credits
         self._m_credits.set(self.credits)

@@ -160,6 +160,7 @@ class HostWorker:
         assert self.consumer is not None
         async with asyncio.TaskGroup() as tg:
             committer = tg.create_task(self._commit_loop(), name="commit-loop")
+            lag = tg.create_task(self._lag_loop(), name="lag-loop")
             while not self._stopping.is_set():
                 room = await self._backpressure()
                 batch = await self.consumer.getmany(timeout_ms=100, max_records=min(self.config.max_batch, room))
@@ -168,11 +169,12 @@ class HostWorker:
                 for tp, records in batch.items():
                     self.tracker.add(tp, [r.offset for r in records])
                 self.metrics.in_flight.set(self.tracker.in_flight)
-                tg.create_task(self._process_pipelined(batch))
+                tg.create_task(self._process_pipelined(batch, time.perf_counter()))
             # stopping: no more fetches; everything in flight finishes, then the last commit
             await self._wait_drained()
             self._commit_now.set()
             await committer
+            lag.cancel()
 
     async def _backpressure(self) -> int:
         """Pause or resume partitions around the watermarks; return how many records may be fetched."""
@@ -191,9 +193,9 @@ class HostWorker:
             log.info("partitions_resumed", in_flight=in_flight)
         return max(1, cfg.max_in_flight - in_flight)
 
-    async def _process_pipelined(self, batch: Records) -> None:
+    async def _process_pipelined(self, batch: Records, fetched_at: float) -> None:
         assert self.producer is not None
-        outputs = await self._outputs(batch)
+        outputs = await self._outputs(batch, fetched_at)
         t0 = time.perf_counter()
         acks = []
         for topic, key, value, tp, offset in outputs:
@@ -218,6 +220,24 @@ class HostWorker:
             await self._commit()
             if self._commit_now.is_set() and self._stopping.is_set():
                 return
+
+    async def _lag_loop(self) -> None:
+        """Consumer lag per topic: log end minus committed position, over assigned partitions."""
+        assert self.consumer is not None
+        while True:
+            await asyncio.sleep(1.0)
+            per_topic: dict[str, int] = {}
+            for tp in self.consumer.assignment():
+                end = self.consumer.highwater(tp)
+                if end is None:
+                    continue
+                done = self.tracker.committed(tp)
+                if done is None:
+                    with contextlib.suppress(KafkaError, AssertionError):
+                        done = await self.consumer.committed(tp)
+                per_topic[tp.topic] = per_topic.get(tp.topic, 0) + max(0, end - (done or 0))
+            for topic, lag in per_topic.items():
+                self.metrics.consumer_lag.labels(topic).set(lag)
 
     async def _commit(self, tps: list[TopicPartition] | None = None) -> None:
         assert self.consumer is not None
@@ -255,7 +275,7 @@ class HostWorker:
             if not batch:
                 continue
             async with self._batch_lock:
-                outputs = await self._outputs(batch)
+                outputs = await self._outputs(batch, time.perf_counter())
                 t0 = time.perf_counter()
                 async with self.producer.transaction():
                     for topic, key, value, _tp, _off in outputs:
@@ -266,7 +286,7 @@ class HostWorker:
 
     # -- from records to outputs ------------------------------------------------------------------------
 
-    async def _outputs(self, batch: Records) -> list[Output]:
+    async def _outputs(self, batch: Records, fetched_at: float | None = None) -> list[Output]:
         """Every record of the batch becomes exactly one output: a result, a DLQ record or an admin reply."""
         cfg = self.config
         now_ms = int(time.time() * 1000)
@@ -297,6 +317,8 @@ class HostWorker:
                 else:
                     live.append((req, rec))
             t0 = time.perf_counter()
+            if fetched_at is not None:  # from fetch to the pool: decoding, and waiting behind earlier batches
+                self.metrics.stage.observe_many("host_queue", [t0 - fetched_at] * len(live))
             route = self.keys.route_key
             results = await self.pool.submit_many([(route(req.key_id), rec.value) for req, rec in live])
             await self._retry_keys_from_elsewhere(live, results)

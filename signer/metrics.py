@@ -6,7 +6,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -24,47 +24,60 @@ class _Series:
 
 
 class StageHistogram(Collector):
-    """Per-stage latency histogram for the hot path, fed in batches.
+    """A latency (or size) histogram for the hot path, fed in batches.
 
     prometheus_client's Histogram takes a lock and a label lookup per observation
     (~7 us with labels); on the channel that cost more than moving the request.
-    This keeps plain bucket counts per label, updated by one event-loop thread,
+    This keeps plain bucket counts per label set, updated by one event-loop thread,
     and exports them as a normal Prometheus histogram.
     """
 
-    def __init__(self, name: str, doc: str, label: str, buckets: tuple[float, ...], registry: CollectorRegistry):
-        self.name, self.doc, self.label = name, doc, label
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        labels: str | tuple[str, ...],
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ):
+        self.name, self.doc = name, doc
+        self.labels = (labels,) if isinstance(labels, str) else labels
         self.bounds = list(buckets)
-        self._series: dict[str, _Series] = {}
+        self._series: dict[tuple[str, ...], _Series] = {}
         registry.register(self)
 
-    def series(self, value: str) -> _Series:
-        s = self._series.get(value)
+    def series(self, *values: str) -> _Series:
+        s = self._series.get(values)
         if s is None:
-            s = self._series[value] = _Series(len(self.bounds) + 1)
+            s = self._series[values] = _Series(len(self.bounds) + 1)
         return s
 
-    def observe(self, value: str, seconds: float) -> None:
-        s = self.series(value)
+    def observe(self, value: str | tuple[str, ...], seconds: float) -> None:
+        s = self.series(*((value,) if isinstance(value, str) else value))
         s.counts[bisect_left(self.bounds, seconds)] += 1
         s.total += seconds
 
-    def observe_many(self, value: str, seconds: Iterable[float]) -> None:
-        s = self.series(value)
+    def observe_many(self, value: str | tuple[str, ...], seconds: Iterable[float]) -> None:
+        s = self.series(*((value,) if isinstance(value, str) else value))
         counts, bounds = s.counts, self.bounds
         for x in seconds:
             counts[bisect_left(bounds, x)] += 1
             s.total += x
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
-        fam = HistogramMetricFamily(self.name, self.doc, labels=[self.label])
-        for value, s in sorted(self._series.items()):
-            cumulative, buckets = 0, []
-            for bound, c in zip([*self.bounds, float("inf")], s.counts, strict=True):
-                cumulative += c
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-            fam.add_metric([value], buckets, s.total)
+        fam = HistogramMetricFamily(self.name, self.doc, labels=list(self.labels))
+        for values, s in sorted(self._series.items()):
+            fam.add_metric(list(values), cumulative_buckets(self.bounds, s.counts), s.total)
         yield fam
+
+
+def cumulative_buckets(bounds: list[float], counts: list[int]) -> list[tuple[str, float]]:
+    cumulative = 0
+    out: list[tuple[str, float]] = []
+    for bound, c in zip([*bounds, float("inf")], counts, strict=True):
+        cumulative += c
+        out.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+    return out
 
 
 class HostMetrics:
@@ -79,9 +92,19 @@ class HostMetrics:
         self.stage = StageHistogram(
             "signer_stage_seconds", "Time spent per pipeline stage", "stage", _LATENCY_BUCKETS, r
         )
-        self.batch_size = Histogram(
-            "signer_frame_batch_size", "Requests per frame sent to an enclave",
-            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500), registry=r,
+        self.batch_size = StageHistogram(
+            "signer_frame_batch_size", "Requests per sign frame, per channel", "channel",
+            (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500), r,
+        )  # fmt: skip
+        self.channel_stage = StageHistogram(
+            "signer_channel_stage_seconds",
+            "Per-enclave stages: credit_wait (queued on a connection), channel_transfer (round trip minus "
+            "enclave service), enclave_service",
+            ("enclave", "stage"), _LATENCY_BUCKETS, r,
+        )  # fmt: skip
+        self.consumer_lag = Gauge(
+            "signer_consumer_lag", "Records on assigned partitions not yet committed (log end - committed)",
+            ["topic"], registry=r,
         )  # fmt: skip
         self.in_flight = Gauge("signer_in_flight", "Records fetched whose output is not yet written", registry=r)
         self.paused_partitions = Gauge("signer_paused_partitions", "Partitions paused by backpressure", registry=r)
@@ -115,7 +138,6 @@ class EnclaveStatsCollector(Collector):
         "unwraps": "Keyring data keys unwrapped",
         "unwrap_joined": "Requests that joined an unwrap already in flight (single-flight)",
         "unwrap_keys": "Wallet keys made usable by unwraps (divided by unwraps: keys per KMS call)",
-        "unwrap_seconds": "Time spent unwrapping keyring data keys",
         "cache_hits": "Data key cache hits",
         "cache_misses": "Data key cache misses",
         "cache_evictions": "Data keys evicted (and wiped)",
@@ -142,3 +164,15 @@ class EnclaveStatsCollector(Collector):
                 if name in values:
                     g.add_metric([enclave], float(values[name]))
             yield g
+        h = HistogramMetricFamily(
+            "signer_enclave_unwrap_seconds",
+            "Keyring unwrap latency inside the enclave (attestation + KMS + CMS)",
+            labels=["enclave"],
+        )
+        for enclave, values in sorted(stats.items()):
+            hist = values.get("unwrap_hist")
+            if isinstance(hist, dict) and len(hist.get("counts", [])) == len(hist.get("bounds", [])) + 1:
+                h.add_metric(
+                    [enclave], cumulative_buckets(list(hist["bounds"]), list(hist["counts"])), float(hist["sum"])
+                )
+        yield h

@@ -63,6 +63,10 @@ class OffsetTracker:
                 out[tp] = part.next_commit
         return out
 
+    def committed(self, tp: TopicPartition) -> int | None:
+        part = self._parts.get(tp)
+        return part.committed if part is not None else None
+
     def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
         for tp, off in offsets.items():
             if tp in self._parts:

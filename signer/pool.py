@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from schemas import frames
+from schemas.transport import parse_channel_url
 
 from .channel import Batch, ChannelClosed, ChannelSettings, EnclaveConnection, Pending
 from .metrics import HostMetrics
@@ -55,7 +56,10 @@ class EnclavePool:
         self.groups: dict[str, list[EnclaveConnection]] = {}
         for url in urls:
             self.groups[url] = [
-                EnclaveConnection(url, self.settings.channel, self._on_lost, self.metrics, name=f"{url}#{i}")
+                # metric label: the address without link-shaping parameters, and the connection index
+                EnclaveConnection(
+                    url, self.settings.channel, self._on_lost, self.metrics, name=f"{parse_channel_url(url)}#{i}"
+                )  # fmt: skip
                 for i in range(self.settings.connections_per_enclave)
             ]
         self._prepare = prepare  # runs on every new connection before it takes work
