@@ -59,7 +59,7 @@ class EnclavePool:
                 # metric label: the address without link-shaping parameters, and the connection index
                 EnclaveConnection(
                     url, self.settings.channel, self._on_lost, self.metrics, name=f"{parse_channel_url(url)}#{i}"
-                )  # fmt: skip
+                )
                 for i in range(self.settings.connections_per_enclave)
             ]
         self._prepare = prepare  # runs on every new connection before it takes work
