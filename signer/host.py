@@ -122,6 +122,10 @@ class HostWorker:
             else:
                 await self._run_pipelined()
         finally:
+            if not self.config.exactly_once and self.consumer is not None:
+                # also on a cancelled (timed-out) shutdown: whatever is done need not be redone
+                with contextlib.suppress(KafkaError, asyncio.CancelledError):
+                    await self._commit()
             await self._close()
 
     def stop(self) -> None:
@@ -175,6 +179,9 @@ class HostWorker:
             self._commit_now.set()
             await committer
             lag.cancel()
+        # the commit loop may have been mid-commit with older offsets when it was told to stop:
+        # commit once more, now that everything fetched is done
+        await self._commit()
 
     async def _backpressure(self) -> int:
         """Pause or resume partitions around the watermarks; return how many records may be fetched."""
@@ -248,7 +255,7 @@ class HostWorker:
             await self.consumer.commit({tp: OffsetAndMetadata(off, "") for tp, off in offsets.items()})
             self.tracker.mark_committed(offsets)
         except CommitFailedError as exc:  # a rebalance is under way: the revoke handler commits what it can
-            log.info("commit_deferred", reason=str(exc)[:200])
+            log.warning("commit_deferred", reason=str(exc)[:200])
 
     async def _wait_drained(self, tps: list[TopicPartition] | None = None, timeout: float | None = None) -> bool:
         async def drained() -> None:

@@ -61,6 +61,7 @@ class HostCluster:
             "SIGNER_KMS_KEY_ID": self.kms_key,
             "SIGNER_SESSION_TIMEOUT_MS": "6000",
             "SIGNER_TRANSACTION_TIMEOUT_MS": "8000",
+            "SIGNER_LOG_LEVEL": "INFO",  # the host logs go to files, for diagnosis
             **layout_env(self.layout),
             **extra,
         }
@@ -290,7 +291,7 @@ async def test_malformed_records_go_to_the_dlq_while_good_ones_are_signed(cluste
 
 async def test_sigterm_drains_and_nothing_is_redelivered(cluster: HostCluster) -> None:
     c = cluster
-    first = c.start_host("first")
+    first = c.start_host("first", SIGNER_SHUTDOWN_TIMEOUT_S="150")
     keys = await create_keys(c, 6)
     reqs = requests_for(keys, 4000, "s")
     async with ResultReader(c.bootstrap, c.layout.results) as reader:
@@ -298,7 +299,8 @@ async def test_sigterm_drains_and_nothing_is_redelivered(cluster: HostCluster) -
         async with asyncio.timeout(60):
             while reader.count < 500:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
-        assert first.stop(signal.SIGTERM, timeout=60) == 0  # drained, committed, left the group
+        assert first.stop(signal.SIGTERM, timeout=180) == 0  # drained, committed, left the group
+        assert "shutdown_timeout" not in (c.tmp / "first.log").read_text()
         done_by_first = set(reader.by_id)
         c.start_host("second")
         await reader.wait_for({r["request_id"] for r in reqs})
