@@ -13,8 +13,8 @@ import asyncio
 import json
 import os
 import time
+from pathlib import Path
 
-import coincurve
 import msgpack
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -22,16 +22,7 @@ from schemas.logs import configure_logging
 from signer.admin_client import admin_call
 from signer.cluster import LocalCluster
 
-
-def raw_sign_rate(seconds: float = 1.0) -> float:
-    key = coincurve.PrivateKey()
-    digests = [os.urandom(32) for _ in range(1000)]
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        for d in digests:
-            key.sign_recoverable(d, hasher=None)
-        n += len(digests)
-    return n / (time.perf_counter() - t0)
+from .ceiling import raw_sign_rate
 
 
 async def end_to_end(n: int) -> dict[str, float]:
@@ -76,10 +67,19 @@ async def end_to_end(n: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
-    ap.add_argument("what", nargs="?", choices=["e2e", "channel", "vault", "schemes"], default="e2e")
+    ap.add_argument("what", nargs="?", choices=["report", "e2e", "channel", "vault", "schemes"], default="report")
+    ap.add_argument("--out", type=Path, default=Path("artifacts/bench"), help="report directory (report)")
+    ap.add_argument("--smoke", action="store_true", help="a tiny configuration that checks the harness (report)")
     ap.add_argument("-n", type=int, default=20000)
     args = ap.parse_args()
     configure_logging("bench", os.environ.get("SIGNER_LOG_LEVEL", "WARNING"))
+    if args.what == "report":
+        from .harness import SMOKE, Profile, run_report
+
+        report = asyncio.run(run_report(args.out, SMOKE if args.smoke else Profile()))
+        print((args.out / "report.md").read_text())
+        print(json.dumps({k: report[k] for k in ("max_per_second", "efficiency", "speedup_over_reference")}))
+        return
     if args.what == "schemes":
         from .schemes import run_scheme_bench
 

@@ -38,6 +38,7 @@ class ChildProcess:
         self.args = args
         self.env = env
         self.ready_line = ""
+        self.ready_prefix = b"READY"
         self.proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task[None] | None = None
 
@@ -50,7 +51,9 @@ class ChildProcess:
         assert self.proc.stdout is not None
         async with asyncio.timeout(timeout):
             line = await self.proc.stdout.readline()
-        if not line.startswith(b"READY"):
+            while line and not line.startswith(self.ready_prefix) and self.ready_prefix != b"READY":
+                line = await self.proc.stdout.readline()  # e.g. a host prints other lines first
+        if not line.startswith(self.ready_prefix):
             await self.stop()
             raise RuntimeError(f"{self.module} {' '.join(self.args)} did not start: {line!r}")
         self.ready_line = line.decode().strip()

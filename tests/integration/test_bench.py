@@ -1,0 +1,38 @@
+"""The benchmark harness's smoke configuration: it runs end to end and its report is complete.
+(A check that the harness works, not a timed test: no number is asserted beyond being measured.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def test_smoke_report_is_complete(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "SIGNER_"))}
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "report", "--smoke", "--out", str(tmp_path)],
+        env={**env, "PYTHONPATH": str(ROOT), "SIGNER_LOG_LEVEL": "WARNING"},
+        capture_output=True, text=True, timeout=600, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    for field in ("raw_sign_per_second_one_core", "max_per_second", "efficiency", "speedup_over_reference"):
+        assert report[field] > 0, field
+    assert report["reference"]["per_second"] > 0
+    names = [r["name"] for r in report["runs"]]
+    assert names[0] == "closed loop (max)" and any(n.startswith("open loop 50%") for n in names)
+    for run in report["runs"]:
+        assert run["requests"] > 0 and set(run["latency_ms"]) == {"p50", "p90", "p99", "p99.9"}
+        assert run["statuses"].get("ok", 0) == run["requests"]  # every request id matched, every one signed
+        assert run["host_cpu_us_per_request"] > 0 and run["enclave_cpu_us_per_request"] > 0
+        assert set(run["stage_ms_per_request"]) >= {"kafka_wait", "channel_transfer", "enclave_service"}
+    assert len(report["sweeps"]) == 2 and all(s["largest_stage"] for s in report["sweeps"])
+    md = (tmp_path / "report.md").read_text()
+    assert "speed-up" in md and "## Sweeps" in md
+    for png in ("throughput.png", "latency_cdf.png", "stages.png"):
+        assert (tmp_path / png).stat().st_size > 10_000, png
