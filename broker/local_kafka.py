@@ -186,6 +186,7 @@ class LocalKafka:
                 if fixed_port or attempt == 2:
                     raise KafkaUnavailable(f"kafka could not bind its ports: {self._log_tail()}") from None
                 self.port = None
+                self._controller_port = 0
                 # the storage was formatted for the old controller port: format again
                 assert self.data_dir is not None
                 shutil.rmtree(self.data_dir / "kraft-logs", ignore_errors=True)
@@ -200,7 +201,8 @@ class LocalKafka:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "logs").mkdir(exist_ok=True)
         self.port = self.port or free_port(self.host)
-        self._controller_port = free_port(self.host)
+        # kept across restarts: the storage was formatted with this controller endpoint
+        self._controller_port = self._controller_port or free_port(self.host)
         props = self.data_dir / "server.properties"
         props.write_text(self._server_properties())
         log4j = self.data_dir / "log4j2.properties"
