@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("-n", type=int, default=200, help="number of sample requests")
     sub.add_parser("up", help="run a local cluster in the foreground until interrupted")
     sub.add_parser("host", help="run one host worker (KAFKA_BOOTSTRAP, SIGNER_ENCLAVES)")
+    dk = sub.add_parser("dev-kms-key", help="create the keyring KMS key in the dev KMS, bound to this enclave code")
+    dk.add_argument("--kms-endpoint", default=os.environ.get("SIGNER_KMS_ENDPOINT", "http://127.0.0.1:8000"))
+    dk.add_argument("--out", default=None, help="also write the key id to this file")
     keys = sub.add_parser("keys", help="key management through a running cluster")
     ksub = keys.add_subparsers(dest="keys_cmd", required=True)
     kc = ksub.add_parser("create", help="create a key inside an enclave")
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(_up())
         if args.cmd == "host":
             return _run(_host())
+        if args.cmd == "dev-kms-key":
+            return _run(_dev_kms_key(args))
         return _run(_keys(args))
     except KeyboardInterrupt:
         return 130
@@ -113,6 +118,28 @@ async def _up() -> int:
         for t in done:
             t.result()
     print("stopped", flush=True)
+    return 0
+
+
+async def _dev_kms_key(args: argparse.Namespace) -> int:
+    """A KMS key whose policy releases data keys only to this enclave code's measurement (dev KMS)."""
+    from devkms.__main__ import DEV_ACCESS_KEY_ID, DEV_SECRET_ACCESS_KEY
+    from devkms.policy import attested_keyring_policy
+    from enclave_worker.attestation import measure_enclave_code
+    from enclave_worker.kms import KmsClient, KmsConfig
+
+    client = KmsClient(KmsConfig(
+        args.kms_endpoint,
+        access_key_id=os.environ.get("SIGNER_KMS_ACCESS_KEY_ID", DEV_ACCESS_KEY_ID),
+        secret_access_key=os.environ.get("SIGNER_KMS_SECRET_ACCESS_KEY", DEV_SECRET_ACCESS_KEY),
+    ))  # fmt: skip
+    try:
+        key_id = await client.create_key(attested_keyring_policy(measure_enclave_code().hex()), "signer keyrings (dev)")
+    finally:
+        await client.close()
+    if args.out:
+        await asyncio.to_thread(Path(args.out).write_text, key_id + "\n")
+    print(key_id)
     return 0
 
 
