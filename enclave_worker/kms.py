@@ -67,6 +67,15 @@ class KmsClient:
         self.calls = 0
         self.throttles = 0
 
+    def set_credentials(self, access_key_id: str, secret_access_key: str, session_token: str | None = None) -> None:
+        """New credentials for request signing (on Nitro: the parent's instance-role credentials,
+        delivered over the channel and refreshed before they expire)."""
+        self._credentials = Credentials(access_key_id, secret_access_key, session_token)
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self._credentials.access_key)
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()

@@ -253,6 +253,19 @@ class _Connection:
             return result
         if op == "keys.list":
             return {"keys": [k.describe() for k in vault.sealed.values()]}
+        if op == "kms.credentials":
+            ak, sk, token = args.get("access_key_id"), args.get("secret_access_key"), args.get("session_token")
+            if (
+                type(ak) is not str
+                or type(sk) is not str
+                or not ak
+                or not sk
+                or (token is not None and type(token) is not str)
+            ):
+                raise ValueError("kms.credentials needs access_key_id, secret_access_key (and optional session_token)")
+            vault.kms.set_credentials(ak, sk, token)
+            log.info("kms_credentials_updated", access_key_id=ak[:4] + "...")
+            return {"updated": True}
         raise VaultError("unknown_op", f"unknown op {str(op)[:40]!r}")
 
 

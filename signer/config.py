@@ -69,6 +69,7 @@ class HostConfig:
     keystore_dir: str = ""
     kms_key_id: str = ""
     default_keyring: str = "default"
+    kms_credentials_file: str = ""  # JSON as IMDS serves role credentials: AccessKeyId, SecretAccessKey, Token
     max_in_flight: int = 10_000  # records fetched and not yet done; above it partitions pause
     resume_below: int = 5_000  # paused partitions resume when in flight falls to this
     commit_interval_s: float = 0.2
@@ -121,6 +122,7 @@ class HostConfig:
             keystore_dir=_env("SIGNER_KEYSTORE_DIR", os.path.expanduser("~/.local/share/enclave-signer/keystore")),
             kms_key_id=_env("SIGNER_KMS_KEY_ID", ""),
             default_keyring=_env("SIGNER_DEFAULT_KEYRING", "default"),
+            kms_credentials_file=_env("SIGNER_KMS_CREDENTIALS_FILE", ""),
             max_in_flight=_int("SIGNER_MAX_IN_FLIGHT", 10_000, 1),
             resume_below=_int("SIGNER_RESUME_BELOW", -1, -1),
             commit_interval_s=_int("SIGNER_COMMIT_INTERVAL_MS", 200, 1) / 1000,

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -63,7 +65,9 @@ class HostWorker:
         self.metrics = metrics or HostMetrics()
         self.keystore = DirectoryKeyStore(Path(config.keystore_dir))
         self.pool = EnclavePool(config.enclaves, config.pool, self.metrics, prepare=self._prepare_connection)
-        self.keys = KeyManager(self.pool, self.keystore, config.kms_key_id, config.default_keyring)
+        self.keys = KeyManager(
+            self.pool, self.keystore, config.kms_key_id, config.default_keyring, credentials=self._kms_credentials
+        )
         EnclaveStatsCollector(self._enclave_stats, self.metrics.registry)
         self.tracker = OffsetTracker()
         self.consumer: AIOKafkaConsumer | None = None
@@ -76,6 +80,35 @@ class HostWorker:
         self.kafka_ready = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
+
+    def _kms_credentials(self) -> dict[str, str] | None:
+        """Credentials the enclaves sign KMS requests with, if this host provides them: a file in the
+        shape IMDS serves role credentials (re-read every time: rotated credentials reach the enclaves),
+        else SIGNER_KMS_ACCESS_KEY_ID / SIGNER_KMS_SECRET_ACCESS_KEY / SIGNER_KMS_SESSION_TOKEN."""
+        path = self.config.kms_credentials_file
+        if path:
+            try:
+                data = json.loads(Path(path).read_text())
+                out = {"access_key_id": data["AccessKeyId"], "secret_access_key": data["SecretAccessKey"]}
+                if data.get("Token"):
+                    out["session_token"] = data["Token"]
+                return out
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("kms_credentials_unreadable", path=path, error=type(exc).__name__)
+                return None
+        ak, sk = os.environ.get("SIGNER_KMS_ACCESS_KEY_ID"), os.environ.get("SIGNER_KMS_SECRET_ACCESS_KEY")
+        if not ak or not sk:
+            return None
+        out = {"access_key_id": ak, "secret_access_key": sk}
+        if os.environ.get("SIGNER_KMS_SESSION_TOKEN"):
+            out["session_token"] = os.environ["SIGNER_KMS_SESSION_TOKEN"]
+        return out
+
+    async def _credentials_loop(self) -> None:
+        while True:  # role credentials rotate hourly: refresh the enclaves well within that
+            await asyncio.sleep(300)
+            with contextlib.suppress(Exception):
+                await self.keys.push_credentials()
 
     async def _prepare_connection(self, conn: EnclaveConnection) -> None:
         await self.keys.load_into(conn)
@@ -165,6 +198,7 @@ class HostWorker:
         async with asyncio.TaskGroup() as tg:
             committer = tg.create_task(self._commit_loop(), name="commit-loop")
             lag = tg.create_task(self._lag_loop(), name="lag-loop")
+            creds = tg.create_task(self._credentials_loop(), name="credentials-loop")
             while not self._stopping.is_set():
                 room = await self._backpressure()
                 batch = await self.consumer.getmany(timeout_ms=100, max_records=min(self.config.max_batch, room))
@@ -179,6 +213,7 @@ class HostWorker:
             self._commit_now.set()
             await committer
             lag.cancel()
+            creds.cancel()
         # the commit loop may have been mid-commit with older offsets when it was told to stop:
         # commit once more, now that everything fetched is done
         await self._commit()

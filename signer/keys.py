@@ -7,6 +7,7 @@ and sealed keys the enclave hands back, and loads them into every enclave.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -29,8 +30,16 @@ class KeyOpError(Exception):
 
 
 class KeyManager:
-    def __init__(self, pool: EnclavePool, store: KeyStore, kms_key_id: str, default_keyring: str = "default"):
+    def __init__(
+        self,
+        pool: EnclavePool,
+        store: KeyStore,
+        kms_key_id: str,
+        default_keyring: str = "default",
+        credentials: Callable[[], dict[str, str] | None] | None = None,
+    ):
         self.pool = pool
+        self.credentials = credentials  # KMS credentials to hand to enclaves (None: they have their own)
         self.store = store
         self.kms_key_id = kms_key_id
         self.default_keyring = default_keyring
@@ -41,8 +50,19 @@ class KeyManager:
         sealed = self.store.get_key(key_id)
         return sealed.keyring_id if sealed is not None else key_id
 
+    async def push_credentials(self, conn: EnclaveConnection | None = None) -> None:
+        """Hand the current KMS credentials to one enclave (or all of them)."""
+        creds = self.credentials() if self.credentials else None
+        if not creds:
+            return
+        if conn is not None:
+            await conn.key_op("kms.credentials", creds)
+        else:
+            await self.pool.broadcast("kms.credentials", creds)
+
     async def load_into(self, conn: EnclaveConnection) -> None:
-        """Give a new connection's enclave every wrapped keyring (the pool's prepare hook)."""
+        """Give a new connection's enclave its KMS credentials and every wrapped keyring (the pool's prepare hook)."""
+        await self.push_credentials(conn)
         envelopes = [e.to_wire() for e in self.store.envelopes()]
         keys = [k.to_wire() for k in self.store.keys()]
         await conn.key_op("keyrings.load", {"envelopes": envelopes, "keys": keys[:LOAD_CHUNK]})

@@ -23,7 +23,11 @@ from tests.procs import Proc
 class Rig:
     """Dev KMS + enclave worker processes + the host side (pool, key manager, key store) in-process."""
 
-    def __init__(self, tmp: Path, sock_dir: Path, enclaves: int = 1, pythonpath: str | None = None) -> None:
+    def __init__(
+        self, tmp: Path, sock_dir: Path, enclaves: int = 1, pythonpath: str | None = None,
+        host_credentials: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        self.host_credentials = host_credentials  # if set: enclaves start without KMS credentials and get these
         self.tmp, self.sock_dir, self.n, self.pythonpath = tmp, sock_dir, enclaves, pythonpath
         self.procs: list[Proc] = []
         self.kms_proc: Proc | None = None
@@ -39,6 +43,10 @@ class Rig:
         self.kms_proc, self.kms_url = start_devkms(self.tmp / "devkms", self.tmp)
         self.kms_key_id = kms_key_id or await keyring_kms_key(self.kms_url)
         env = enclave_env(self.kms_url, self.tmp / "devkms")
+        if self.host_credentials is not None:
+            env = {
+                k: v for k, v in env.items() if k not in ("SIGNER_KMS_ACCESS_KEY_ID", "SIGNER_KMS_SECRET_ACCESS_KEY")
+            }
         for i in range(self.n):
             proc, url = start_enclave(self.sock_dir, f"enc{i}", self.tmp, env=env, pythonpath=self.pythonpath)
             self.procs.append(proc)
@@ -46,7 +54,8 @@ class Rig:
         store = DirectoryKeyStore(self.tmp / "keystore")
         settings = PoolSettings(connections_per_enclave=2, channel=ChannelSettings(heartbeat_interval_s=0.1))
         self.pool = EnclavePool(self.urls, settings, self.metrics, prepare=self._prepare)
-        self.keys = KeyManager(self.pool, store, self.kms_key_id)
+        creds = self.host_credentials
+        self.keys = KeyManager(self.pool, store, self.kms_key_id, credentials=(lambda: creds) if creds else None)
         EnclaveStatsCollector(self._stats, self.metrics.registry)
         await self.pool.start(ready_timeout=20)
         await wait_until(lambda: len(self.pool.live()) == 2 * self.n, what="all connections")  # type: ignore[union-attr]

@@ -271,3 +271,30 @@ async def test_no_plaintext_key_or_data_key_reaches_anything_the_host_sees(
         for secret_name, value in (("private key", secret), ("data key", dek)):
             for form in (value, value.hex().encode(), value.hex().upper().encode(), base64.b64encode(value)):
                 assert form not in blob_, f"{secret_name} found in {name}"
+
+
+async def test_enclaves_without_credentials_get_them_from_the_host(tmp_path: Path, sock_dir: Path) -> None:
+    from signer.keys import KeyOpError
+    from tests.enclaves import DEV_CREDS
+
+    # an enclave with no KMS credentials of its own cannot open a keyring...
+    bare = await Rig(tmp_path / "bare", sock_dir, host_credentials={}).start()
+    try:
+        with pytest.raises(KeyOpError) as info:
+            await bare.create()
+        assert info.value.code == "kms_error", info.value
+        assert "MissingAuthenticationToken" in info.value.message or "UnrecognizedClient" in info.value.message
+    finally:
+        await bare.stop()
+    # ... until the host hands it the credentials it signs KMS requests with (as on Nitro)
+    creds = {
+        "access_key_id": DEV_CREDS["SIGNER_KMS_ACCESS_KEY_ID"],
+        "secret_access_key": DEV_CREDS["SIGNER_KMS_SECRET_ACCESS_KEY"],
+    }
+    rig = await Rig(tmp_path / "pushed", sock_dir, host_credentials=creds).start()
+    try:
+        key = await rig.create()
+        req = digest_req("with-pushed-creds", key["key_id"])
+        assert recovered(req, (await rig.sign([req]))[0]) == key["address"]
+    finally:
+        await rig.stop()
