@@ -37,9 +37,8 @@ from hdrh.histogram import HdrHistogram
 
 from broker.local_kafka import LocalKafka
 from broker.topics import TopicLayout, ensure_topics
-from devkms.__main__ import DEV_ACCESS_KEY_ID, DEV_SECRET_ACCESS_KEY
-from devkms.policy import attested_keyring_policy
-from enclave_worker.attestation import DevProvider, measure_enclave_code
+from devkms.local import create_keyring_key, dev_credentials, dev_enclave_env
+from enclave_worker.attestation import DevProvider
 from enclave_worker.keyring import KeyringEnvelope, SealedKey
 from enclave_worker.kms import KmsClient, KmsConfig
 from signer.admin_client import admin_call
@@ -48,7 +47,6 @@ from signer.cluster import ChildProcess
 from .ceiling import raw_sign_rate
 from .reference import reference_rate
 
-CREDS = {"SIGNER_KMS_ACCESS_KEY_ID": DEV_ACCESS_KEY_ID, "SIGNER_KMS_SECRET_ACCESS_KEY": DEV_SECRET_ACCESS_KEY}
 STAGES = ("kafka_wait", "host_queue", "credit_wait", "channel_transfer", "enclave_service", "result_publish")
 CLK = os.sysconf("SC_CLK_TCK")
 
@@ -119,19 +117,11 @@ async def start_stack(work: Path, enclaves: int = 2) -> Stack:
     progress("starting Kafka")
     kafka = LocalKafka(data_dir=work / "kafka")
     await asyncio.to_thread(kafka.start)
-    kms = ChildProcess("devkms", ["--data-dir", str(work / "devkms")], CREDS)
+    kms = ChildProcess("devkms", ["--data-dir", str(work / "devkms")], dev_credentials())
     await kms.start()
     url = kms.ready_line.split()[1]
-    client = KmsClient(KmsConfig(url, access_key_id=DEV_ACCESS_KEY_ID, secret_access_key=DEV_SECRET_ACCESS_KEY))
-    kms_key = await client.create_key(attested_keyring_policy(measure_enclave_code().hex()))
-    await client.close()
-    env = {
-        **CREDS,
-        "SIGNER_KMS_ENDPOINT": url,
-        "ENCLAVE_ATTESTATION": "dev",
-        "ENCLAVE_DEV_PKI": str(work / "devkms/pki"),
-        "SIGNER_LOG_LEVEL": "WARNING",
-    }
+    kms_key = await create_keyring_key(url)
+    env = {**dev_enclave_env(url, work / "devkms"), "SIGNER_LOG_LEVEL": "WARNING"}
     procs = []
     for i in range(enclaves):
         sock = f"unix://{work / f'enc{i}.sock'}"
@@ -407,7 +397,9 @@ async def _reference(stack: Stack, n: int) -> dict[str, Any]:
     kr = next(iter(sorted((stack.work / "keystore").iterdir())))
     env = KeyringEnvelope.from_wire(_m.unpackb(next(kr.glob("envelope.v*.msgpack")).read_bytes()))
     sealed = SealedKey.from_wire(_m.unpackb(next((kr / "keys").glob("*.msgpack")).read_bytes()))
-    kms = KmsClient(KmsConfig(stack.kms_url, access_key_id=DEV_ACCESS_KEY_ID, secret_access_key=DEV_SECRET_ACCESS_KEY))
+    creds = dev_credentials()
+    kms = KmsClient(KmsConfig(stack.kms_url, access_key_id=creds["SIGNER_KMS_ACCESS_KEY_ID"],
+                              secret_access_key=creds["SIGNER_KMS_SECRET_ACCESS_KEY"]))  # fmt: skip
     try:
         return await reference_rate(
             stack.enclaves[0][1], kms, DevProvider(stack.work / "devkms" / "pki"), env, sealed, n

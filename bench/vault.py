@@ -16,16 +16,11 @@ from typing import Any
 import aiohttp
 import msgpack
 
-from devkms.__main__ import DEV_ACCESS_KEY_ID, DEV_SECRET_ACCESS_KEY
-from devkms.policy import attested_keyring_policy
-from enclave_worker.attestation import measure_enclave_code
-from enclave_worker.kms import KmsClient, KmsConfig
+from devkms.local import create_keyring_key, dev_credentials, dev_enclave_env
 from signer.cluster import ChildProcess
 from signer.keys import KeyManager
 from signer.keystore import DirectoryKeyStore
 from signer.pool import EnclavePool, PoolSettings
-
-CREDS = {"SIGNER_KMS_ACCESS_KEY_ID": DEV_ACCESS_KEY_ID, "SIGNER_KMS_SECRET_ACCESS_KEY": DEV_SECRET_ACCESS_KEY}
 
 
 def _req(i: int, key_id: str) -> bytes:
@@ -44,18 +39,11 @@ async def _kms_calls(url: str, reset: bool = False) -> dict[str, int]:
 
 async def run_vault_bench(keyrings: int = 5, keys_per_ring: int = 10, signatures: int = 20_000) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="signer-vault-bench-"))
-    kms = ChildProcess("devkms", ["--data-dir", str(work / "devkms")], CREDS)
+    kms = ChildProcess("devkms", ["--data-dir", str(work / "devkms")], dev_credentials())
     await kms.start()
     url = kms.ready_line.split()[1]
-    client = KmsClient(KmsConfig(url, access_key_id=DEV_ACCESS_KEY_ID, secret_access_key=DEV_SECRET_ACCESS_KEY))
-    kms_key = await client.create_key(attested_keyring_policy(measure_enclave_code().hex()))
-    await client.close()
-    env = {
-        **CREDS,
-        "SIGNER_KMS_ENDPOINT": url,
-        "ENCLAVE_ATTESTATION": "dev",
-        "ENCLAVE_DEV_PKI": str(work / "devkms/pki"),
-    }
+    kms_key = await create_keyring_key(url)
+    env = dev_enclave_env(url, work / "devkms")
     store = DirectoryKeyStore(work / "keystore")
 
     async def enclave_and_pool(name: str) -> tuple[ChildProcess, EnclavePool, KeyManager]:

@@ -11,10 +11,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .local import DEV_ACCESS_KEY_ID, DEV_SECRET_ACCESS_KEY
 from .server import DevKms
-
-DEV_ACCESS_KEY_ID = "AKIADEVKMS000000000"
-DEV_SECRET_ACCESS_KEY = "devkms-secret-access-key"
 
 
 def main(argv: list[str] | None = None) -> int:

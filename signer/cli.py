@@ -123,20 +123,9 @@ async def _up() -> int:
 
 async def _dev_kms_key(args: argparse.Namespace) -> int:
     """A KMS key whose policy releases data keys only to this enclave code's measurement (dev KMS)."""
-    from devkms.__main__ import DEV_ACCESS_KEY_ID, DEV_SECRET_ACCESS_KEY
-    from devkms.policy import attested_keyring_policy
-    from enclave_worker.attestation import measure_enclave_code
-    from enclave_worker.kms import KmsClient, KmsConfig
+    from devkms.local import create_keyring_key
 
-    client = KmsClient(KmsConfig(
-        args.kms_endpoint,
-        access_key_id=os.environ.get("SIGNER_KMS_ACCESS_KEY_ID", DEV_ACCESS_KEY_ID),
-        secret_access_key=os.environ.get("SIGNER_KMS_SECRET_ACCESS_KEY", DEV_SECRET_ACCESS_KEY),
-    ))  # fmt: skip
-    try:
-        key_id = await client.create_key(attested_keyring_policy(measure_enclave_code().hex()), "signer keyrings (dev)")
-    finally:
-        await client.close()
+    key_id = await create_keyring_key(args.kms_endpoint, description="signer keyrings (dev)")
     if args.out:
         await asyncio.to_thread(Path(args.out).write_text, key_id + "\n")
     print(key_id)

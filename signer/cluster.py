@@ -157,20 +157,14 @@ class LocalCluster:
 
     async def _start_kms(self) -> tuple[str, dict[str, str]]:
         """Start the dev KMS and make sure a keyring KMS key bound to this enclave code exists."""
-        from devkms.__main__ import DEV_ACCESS_KEY_ID, DEV_SECRET_ACCESS_KEY
-        from devkms.policy import attested_keyring_policy
+        from devkms.local import create_keyring_key, dev_enclave_env
         from enclave_worker.attestation import measure_enclave_code
-        from enclave_worker.kms import KmsClient, KmsConfig
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         kms_dir = self.data_dir / "devkms"
         self.devkms = ChildProcess("devkms", ["--data-dir", str(kms_dir)])
         await self.devkms.start()
         self.kms_endpoint = self.devkms.ready_line.split()[1]
-        creds = {
-            "SIGNER_KMS_ACCESS_KEY_ID": os.environ.get("SIGNER_KMS_ACCESS_KEY_ID", DEV_ACCESS_KEY_ID),
-            "SIGNER_KMS_SECRET_ACCESS_KEY": os.environ.get("SIGNER_KMS_SECRET_ACCESS_KEY", DEV_SECRET_ACCESS_KEY),
-        }
         pcr0 = measure_enclave_code().hex()
         state_path = self.data_dir / "cluster.json"
         state = json.loads(state_path.read_text()) if state_path.exists() else {}
@@ -178,21 +172,10 @@ class LocalCluster:
             if state:
                 note = "keyrings sealed to the old image stay refused; new keys use a new KMS key"
                 log.warning("enclave_code_changed", old_pcr0=state.get("pcr0"), new_pcr0=pcr0, note=note)
-            client = KmsClient(KmsConfig(self.kms_endpoint, access_key_id=creds["SIGNER_KMS_ACCESS_KEY_ID"],
-                                         secret_access_key=creds["SIGNER_KMS_SECRET_ACCESS_KEY"]))  # fmt: skip
-            try:
-                key_id = await client.create_key(attested_keyring_policy(pcr0), "signer keyrings (dev)")
-            finally:
-                await client.close()
+            key_id = await create_keyring_key(self.kms_endpoint, pcr0, "signer keyrings (dev)")
             state = {"kms_key_id": key_id, "pcr0": pcr0}
             state_path.write_text(json.dumps(state))
-        enclave_env = {
-            **creds,
-            "SIGNER_KMS_ENDPOINT": self.kms_endpoint,
-            "ENCLAVE_ATTESTATION": "dev",
-            "ENCLAVE_DEV_PKI": str(kms_dir / "pki"),
-        }
-        return str(state["kms_key_id"]), enclave_env
+        return str(state["kms_key_id"]), dev_enclave_env(self.kms_endpoint, kms_dir)
 
     async def wait(self) -> None:
         """Return when the host worker's loop ends (it re-raises the loop's failure)."""

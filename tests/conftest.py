@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,3 +80,26 @@ def sock_dir(tmp_path: Path) -> Path:
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PYTHONPATH", str(ROOT))
+
+
+async def committed_and_end_offsets(
+    bootstrap: str, group: str, layout: TopicLayout
+) -> tuple[dict[Any, int], dict[Any, int]]:
+    """Per request partition: the group's committed offset (0 if none) and the log end offset."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        parts = [TopicPartition(layout.requests, p) for p in range(layout.request_partitions)]
+        ends = await consumer.end_offsets(parts)
+    finally:
+        await consumer.stop()
+    return {tp: committed[tp].offset if tp in committed else 0 for tp in parts}, dict(ends)

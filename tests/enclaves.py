@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from devkms.local import DEV_ACCESS_KEY_ID, DEV_SECRET_ACCESS_KEY, create_keyring_key, dev_enclave_env
 from schemas import frames
 from tests.procs import Proc
 
@@ -106,36 +107,13 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
 
 
-DEV_CREDS = {
-    "SIGNER_KMS_ACCESS_KEY_ID": "AKIADEVKMS000000000",
-    "SIGNER_KMS_SECRET_ACCESS_KEY": "devkms-secret-access-key",
-}
+DEV_CREDS = {"SIGNER_KMS_ACCESS_KEY_ID": DEV_ACCESS_KEY_ID, "SIGNER_KMS_SECRET_ACCESS_KEY": DEV_SECRET_ACCESS_KEY}
+# the shared helpers, under the names the tests use
+keyring_kms_key = create_keyring_key
+enclave_env = dev_enclave_env
 
 
 def start_devkms(data_dir: Path, log_dir: Path, env: dict[str, str] | None = None) -> tuple[Proc, str]:
     proc = Proc(["devkms", "--data-dir", str(data_dir)], env=env, log=log_dir / "devkms.log")
     line = proc.wait_for_line("READY")
     return proc, line.split()[1]
-
-
-async def keyring_kms_key(kms_url: str, pcr0_hex: str | None = None) -> str:
-    """A KMS key whose policy releases data keys only to this enclave code (or the given PCR0)."""
-    from devkms.policy import attested_keyring_policy
-    from enclave_worker.attestation import measure_enclave_code
-    from enclave_worker.kms import KmsClient, KmsConfig
-
-    client = KmsClient(KmsConfig(kms_url, access_key_id=DEV_CREDS["SIGNER_KMS_ACCESS_KEY_ID"],
-                                 secret_access_key=DEV_CREDS["SIGNER_KMS_SECRET_ACCESS_KEY"]))  # fmt: skip
-    try:
-        return await client.create_key(attested_keyring_policy(pcr0_hex or measure_enclave_code().hex()))
-    finally:
-        await client.close()
-
-
-def enclave_env(kms_url: str, kms_data: Path) -> dict[str, str]:
-    return {
-        **DEV_CREDS,
-        "SIGNER_KMS_ENDPOINT": kms_url,
-        "ENCLAVE_ATTESTATION": "dev",
-        "ENCLAVE_DEV_PKI": str(kms_data / "pki"),
-    }

@@ -20,7 +20,7 @@ import aiohttp
 import msgpack
 import pytest
 import rlp
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from eth_account import Account
@@ -28,7 +28,7 @@ from eth_account.messages import encode_defunct
 
 from broker.topics import TopicLayout, ensure_topics
 from schemas.dlq import DlqRecord
-from tests.conftest import ROOT, layout_env
+from tests.conftest import ROOT, committed_and_end_offsets, layout_env
 from tests.enclaves import enclave_env, keyring_kms_key, start_devkms
 from tests.procs import Proc
 
@@ -270,20 +270,7 @@ async def test_requests_from_a_plain_msgpack_producer_are_signed_and_verified(cl
 
     # graceful shutdown commits everything it published: no lag left for the group
     assert c.host.stop() == 0
-    admin = AIOKafkaAdminClient(bootstrap_servers=c.bootstrap)
-    await admin.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(c.env["SIGNER_GROUP_ID"])
-    finally:
-        await admin.close()
-    consumer = AIOKafkaConsumer(bootstrap_servers=c.bootstrap)
-    await consumer.start()
-    try:
-        parts = [TopicPartition(c.layout.requests, p) for p in range(c.layout.request_partitions)]
-        ends = await consumer.end_offsets(parts)
-    finally:
-        await consumer.stop()
+    committed, ends = await committed_and_end_offsets(c.bootstrap, c.env["SIGNER_GROUP_ID"], c.layout)
     assert sum(ends.values()) == len(values)
-    for tp in parts:
-        done = committed[tp].offset if tp in committed else 0
-        assert done == ends[tp], (tp, done, ends[tp])
+    for tp, end in ends.items():
+        assert committed[tp] == end, (tp, committed[tp], end)

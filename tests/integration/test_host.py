@@ -18,13 +18,12 @@ from typing import Any
 import aiohttp
 import msgpack
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from eth_account import Account
 
 from broker.topics import TopicLayout, ensure_topics
 from signer.admin_client import admin_call
-from tests.conftest import layout_env
+from tests.conftest import committed_and_end_offsets, layout_env
 from tests.enclaves import enclave_env, keyring_kms_key, start_devkms, start_enclave
 from tests.procs import Proc
 
@@ -309,18 +308,6 @@ async def test_sigterm_drains_and_nothing_is_redelivered(cluster: HostCluster) -
         assert not dupes, f"{len(dupes)} results were redone after a graceful shutdown"
         assert 500 <= len(done_by_first) < len(reqs)
         check_signed(reqs, keys, reader.by_id)
-    admin = AIOKafkaAdminClient(bootstrap_servers=c.bootstrap)
-    await admin.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(c.env()["SIGNER_GROUP_ID"])
-    finally:
-        await admin.close()
-    consumer = AIOKafkaConsumer(bootstrap_servers=c.bootstrap)
-    await consumer.start()
-    try:
-        parts = [TopicPartition(c.layout.requests, p) for p in range(c.layout.request_partitions)]
-        ends = await consumer.end_offsets(parts)
-    finally:
-        await consumer.stop()
+    committed, ends = await committed_and_end_offsets(c.bootstrap, c.env()["SIGNER_GROUP_ID"], c.layout)
     c.hosts["second"].stop(signal.SIGTERM)
-    assert all((committed[tp].offset if tp in committed else 0) == ends[tp] for tp in parts)
+    assert all(committed[tp] == end for tp, end in ends.items())
