@@ -68,6 +68,12 @@ class ScriptedEnclave:
         w = writer or self.writers[-1]
         await frames.write_frame(w, frames.encode_frame(body))
 
+    async def answer(self, items: list[Any], writer: asyncio.StreamWriter) -> None:
+        """Answer sign items as the real enclave's noop handler does (sha256 of each request)."""
+        from enclave_worker.server import noop_batch
+
+        await self.send({"t": frames.RESULTS, "credits": len(items), "items": noop_batch(items)}, writer)
+
     async def wait_received(self, n: int, timeout: float = 10) -> None:
         async with asyncio.timeout(timeout), self.changed:
             await self.changed.wait_for(lambda: len(self.received) >= n)

@@ -190,17 +190,7 @@ async def test_a_corrupt_frame_from_the_enclave_drops_only_that_connection(sock_
             writer.write(garbage)
             return
         items = body["items"]
-        await enclave.send(
-            {
-                "t": frames.RESULTS,
-                "credits": len(items),
-                "items": [
-                    [c, {"request_id": msgpack.unpackb(r)["request_id"], "signature": hashlib.sha256(r).digest()}]
-                    for c, r in items
-                ],
-            },
-            writer,
-        )  # type: ignore[union-attr]
+        await enclave.answer(items, writer)
 
     async with ScriptedEnclave(sock_dir / "s.sock", credits=100, on_frame=corrupt_first_sign) as enclave:
         metrics = HostMetrics()
@@ -262,17 +252,7 @@ async def test_a_saturated_enclave_spills_to_the_least_loaded(sock_dir: Path) ->
     async def answer(enclave: ScriptedEnclave, body: dict[str, object], writer: asyncio.StreamWriter) -> None:
         if body["t"] == frames.SIGN:
             items = body["items"]
-            await enclave.send(
-                {
-                    "t": frames.RESULTS,
-                    "credits": len(items),
-                    "items": [
-                        [c, {"request_id": msgpack.unpackb(r)["request_id"], "signature": hashlib.sha256(r).digest()}]
-                        for c, r in items
-                    ],
-                },
-                writer,
-            )  # type: ignore[union-attr]
+            await enclave.answer(items, writer)
 
     async with ScriptedEnclave(sock_dir / "stuck.sock", credits=4) as stuck, \
                ScriptedEnclave(sock_dir / "ok.sock", credits=1000, on_frame=answer) as ok:  # fmt: skip
