@@ -56,7 +56,10 @@ def is_allowed(policy_json: str, action: str, context: dict[str, str]) -> bool:
     return allowed
 
 
-def attested_keyring_policy(image_sha384: str, admin_actions: tuple[str, ...] = ("kms:DescribeKey",)) -> str:
+ADMIN_ACTIONS = ("kms:DescribeKey", "kms:PutKeyPolicy")
+
+
+def attested_keyring_policy(image_sha384: str, admin_actions: tuple[str, ...] = ADMIN_ACTIONS) -> str:
     """The policy a keyring CMK gets: plaintext-returning calls only to the attested enclave image."""
     return json.dumps(
         {
@@ -73,3 +76,11 @@ def attested_keyring_policy(image_sha384: str, admin_actions: tuple[str, ...] = 
             ],
         }
     )
+
+
+def admin_only_policy(admin_actions: tuple[str, ...] = ADMIN_ACTIONS) -> str:
+    """A new keyring key's policy until the enclave image is measured: nothing for anyone's data."""
+    return json.dumps(
+        {"Version": "2012-10-17",
+         "Statement": [{"Sid": "admin", "Effect": "Allow", "Action": list(admin_actions), "Resource": "*"}]}
+    )  # fmt: skip

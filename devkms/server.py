@@ -1,6 +1,6 @@
 """The dev KMS: a real HTTP server speaking the AWS KMS JSON 1.1 protocol subset the signer uses.
 
-Operations: CreateKey, DescribeKey, EnableKey, DisableKey, Encrypt, Decrypt,
+Operations: CreateKey, DescribeKey, EnableKey, DisableKey, PutKeyPolicy, Encrypt, Decrypt,
 GenerateDataKey, GenerateDataKeyWithoutPlaintext - with `Recipient` on Decrypt
 and GenerateDataKey: the attestation document is verified against the dev root
 CA, the key policy is evaluated with kms:RecipientAttestation:* context keys,
@@ -232,6 +232,18 @@ class DevKms:
     def DisableKey(self, body: dict[str, Any]) -> dict[str, Any]:
         return self._set_enabled(body, False)
 
+    def PutKeyPolicy(self, body: dict[str, Any]) -> dict[str, Any]:
+        key_id, key = self._key(body.get("KeyId"))
+        self._authorize(key_id, key, "kms:PutKeyPolicy", {})
+        policy = body.get("Policy")
+        try:
+            json.loads(policy)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise KmsFault("MalformedPolicyDocumentException", "Policy is not valid JSON") from None
+        key["policy"] = policy
+        self._save()
+        return {}
+
     def Encrypt(self, body: dict[str, Any]) -> dict[str, Any]:
         key_id, key = self._key(body.get("KeyId"))
         context: dict[str, str] = {}
@@ -287,7 +299,7 @@ class DevKms:
         return self._data_key(body, "kms:GenerateDataKeyWithoutPlaintext", False)
 
     OPERATIONS = (
-        "CreateKey", "DescribeKey", "EnableKey", "DisableKey", "Encrypt", "Decrypt",
+        "CreateKey", "DescribeKey", "EnableKey", "DisableKey", "PutKeyPolicy", "Encrypt", "Decrypt",
         "GenerateDataKey", "GenerateDataKeyWithoutPlaintext",
     )  # fmt: skip
 

@@ -1,6 +1,8 @@
-"""python -m enclave_worker --listen URL [options]: serve signing frames (see --help).
+"""python -m enclave_worker --listen URL --config FILE [options]: serve signing frames (see --help).
 
-`python -m enclave_worker --measure` prints the dev measurement (PCR0) of this code,
+The configuration file holds the enclave's trust anchors (KMS endpoint and key ARNs,
+operator keys, attestation mode: see trust.py). `python -m enclave_worker --measure
+--config FILE` prints the dev measurement (PCR0) of this code with that configuration,
 which goes into the keyring KMS key's policy.
 """
 
@@ -20,6 +22,7 @@ from schemas.transport import TransportUrlError, parse_channel_url
 
 from .auth import Authenticator
 from .server import EnclaveServer
+from .trust import DEFAULT_CONFIG_PATH, ConfigError, EnclaveConfig, load_config
 from .vault import Vault, VaultSettings
 
 
@@ -36,17 +39,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="requests the host may have in flight per connection")  # fmt: skip
     ap.add_argument("--handler", choices=["sign", "noop"], default=_env("ENCLAVE_HANDLER", "sign"),
                     help="noop: answer without signing (channel benchmarks and tests only)")  # fmt: skip
-    ap.add_argument("--kms-endpoint", default=_env("SIGNER_KMS_ENDPOINT", ""),
-                    help="KMS URL (on Nitro: the local end of the vsock proxy)")  # fmt: skip
-    ap.add_argument("--kms-region", default=_env("SIGNER_KMS_REGION", "us-east-1"))
-    ap.add_argument("--attestation", choices=["nsm", "dev"], default=_env("ENCLAVE_ATTESTATION", "nsm"))
+    ap.add_argument("--config", default=_env("ENCLAVE_CONFIG", DEFAULT_CONFIG_PATH),
+                    help="the measured enclave configuration (trust anchors); on Nitro, in the image")  # fmt: skip
     ap.add_argument("--dev-pki", default=_env("ENCLAVE_DEV_PKI", ""), help="dev PKI directory (dev attestation)")
-    ap.add_argument("--measure", action="store_true", help="print this code's dev PCR0 (hex) and exit")
+    ap.add_argument("--measure", action="store_true", help="print the dev PCR0 of this code and --config, and exit")
     args = ap.parse_args(argv)
+    config: EnclaveConfig | None = None
+    if args.handler == "sign" or args.measure:
+        try:
+            config, config_bytes = load_config(args.config)
+        except ConfigError as exc:
+            return _fail(str(exc))
     if args.measure:
         from .attestation import measure_enclave_code
 
-        print(measure_enclave_code().hex())
+        print(measure_enclave_code(config_bytes).hex())
         return 0
     try:
         parse_channel_url(args.listen)
@@ -56,17 +63,17 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("--credits must be at least 1")
     configure_logging("enclave_worker")
     vault = None
-    if args.handler == "sign":
-        if not args.kms_endpoint:
-            return _fail("--kms-endpoint (SIGNER_KMS_ENDPOINT) is required to unwrap keyrings")
-        if args.attestation == "dev" and not (Path(args.dev_pki) / "root.der").exists():
+    if config is not None:
+        if config.attestation == "dev" and not (Path(args.dev_pki) / "root.der").exists():
             return _fail(f"--dev-pki {args.dev_pki!r} holds no dev PKI (start the dev KMS first: python -m devkms)")
-        vault = _vault(args)
+        vault = _vault(args, config, config_bytes)
     auth = Authenticator(
         window_s=float(_env("ENCLAVE_AUTH_WINDOW_S", "300")),
         replay_capacity=int(_env("ENCLAVE_REPLAY_CACHE", "100000")),
     )
-    asyncio.run(_run(EnclaveServer(args.listen, args.enclave_id, args.credits, args.handler, vault, auth)))
+    max_keys = min(int(_env("ENCLAVE_MAX_KEYS", "1000000")), 10_000_000)
+    server = EnclaveServer(args.listen, args.enclave_id, args.credits, args.handler, vault, auth, max_keys)
+    asyncio.run(_run(server))
     return 0
 
 
@@ -75,20 +82,22 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _vault(args: argparse.Namespace) -> Vault:
+def _vault(args: argparse.Namespace, config: EnclaveConfig, config_bytes: bytes) -> Vault:
     from .attestation import AttestationProvider, DevProvider, NsmProvider
     from .kms import KmsClient, KmsConfig
 
     kms = KmsClient(
         KmsConfig(
-            args.kms_endpoint,
-            region=args.kms_region,
+            config.kms_endpoint,
+            region=config.kms_region,
             access_key_id=_env("SIGNER_KMS_ACCESS_KEY_ID", ""),
             secret_access_key=_env("SIGNER_KMS_SECRET_ACCESS_KEY", ""),
             session_token=os.environ.get("SIGNER_KMS_SESSION_TOKEN"),
         )
     )
-    provider: AttestationProvider = DevProvider(Path(args.dev_pki)) if args.attestation == "dev" else NsmProvider()
+    provider: AttestationProvider = (
+        DevProvider(Path(args.dev_pki), config_bytes) if config.attestation == "dev" else NsmProvider()
+    )
     settings = VaultSettings(
         max_concurrent_unwraps=int(_env("ENCLAVE_MAX_CONCURRENT_UNWRAPS", "4")),
         unwrap_timeout_s=float(_env("ENCLAVE_UNWRAP_TIMEOUT_S", "30")),
@@ -96,7 +105,7 @@ def _vault(args: argparse.Namespace) -> Vault:
         cache_ttl_s=float(_env("ENCLAVE_DEK_TTL_S", "3600")),
         cache_max_uses=int(_env("ENCLAVE_DEK_MAX_USES", "10000000")),
     )
-    return Vault(kms, provider, settings)
+    return Vault(kms, provider, config, settings)
 
 
 async def _run(server: EnclaveServer) -> None:

@@ -36,10 +36,12 @@ class AttestationProvider(Protocol):
 _ENCLAVE_PACKAGES = ("enclave_worker", "schemas")
 
 
-def measure_enclave_code() -> bytes:
-    """SHA-384 over the source of the packages that run inside the enclave (dev stand-in for PCR0).
+def measure_enclave_code(config: bytes) -> bytes:
+    """SHA-384 over the source of the packages that run inside the enclave and the bytes of its
+    configuration file (the dev stand-in for PCR0).
 
-    Any change to that code changes the measurement, as a rebuilt image changes PCR0.
+    Any change to that code or configuration changes the measurement, as a rebuilt image
+    changes PCR0.
     """
     import importlib
 
@@ -49,6 +51,7 @@ def measure_enclave_code() -> bytes:
         for path in sorted(root.rglob("*.py")):
             rel = f"{pkg}/{path.relative_to(root).as_posix()}"
             h.update(rel.encode() + b"\0" + hashlib.sha384(path.read_bytes()).digest())
+    h.update(b"enclave-config\0" + hashlib.sha384(config).digest())
     return h.digest()
 
 
@@ -56,7 +59,7 @@ def measure_enclave_code() -> bytes:
 
 
 class DevProvider:
-    def __init__(self, pki_dir: Path, module_id: str = "dev-enclave") -> None:
+    def __init__(self, pki_dir: Path, config: bytes, module_id: str = "dev-enclave") -> None:
         from devkms.pki import load_dev_pki  # the dev NSM's key lives with the dev PKI
 
         pki = load_dev_pki(pki_dir)
@@ -64,7 +67,7 @@ class DevProvider:
         self._leaf_der = pki.leaf.public_bytes(serialization.Encoding.DER)
         self._bundle = [pki.root.public_bytes(serialization.Encoding.DER)]
         self.module_id = module_id
-        pcr0 = measure_enclave_code()
+        pcr0 = measure_enclave_code(config)
         self.pcrs = {i: bytes(48) for i in range(16)}
         self.pcrs[0] = pcr0
         self.pcrs[1] = hashlib.sha384(b"dev-kernel").digest()

@@ -36,9 +36,11 @@ class KeyringEnvelope:
         return {"v": RECORD_VERSION, **asdict(self)}
 
     @classmethod
-    def from_wire(cls, m: dict[str, Any]) -> KeyringEnvelope:
-        return cls(str(m["keyring_id"]), str(m["kms_key_id"]), int(m["dek_version"]), bytes(m["encrypted_dek"]),
-                   int(m["created_ms"]))  # fmt: skip
+    def from_wire(cls, m: Any) -> KeyringEnvelope:
+        """Strict: exact types and bounded sizes (these records come from untrusted storage)."""
+        m = _record(m, _ENVELOPE_FIELDS)
+        return cls(_name(m, "keyring_id"), _str(m, "kms_key_id", 256), _version(m), _bytes(m, "encrypted_dek", 8192),
+                   _ms(m))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -81,10 +83,23 @@ class SealedKey:
         return {"v": RECORD_VERSION, **asdict(self)}
 
     @classmethod
-    def from_wire(cls, m: dict[str, Any]) -> SealedKey:
-        return cls(str(m["key_id"]), str(m["keyring_id"]), int(m["dek_version"]), str(m["scheme"]),
-                   bytes(m["public_key"]), m.get("address"), bytes(m["nonce"]), bytes(m["ciphertext"]),
-                   int(m["created_ms"]), m.get("policy"))  # fmt: skip
+    def from_wire(cls, m: Any) -> SealedKey:
+        """Strict: exact types and bounded sizes (these records come from untrusted storage)."""
+        m = _record(m, _SEALED_FIELDS)
+        scheme = m["scheme"]
+        if scheme not in ("secp256k1", "ed25519"):
+            raise RecordError("scheme must be secp256k1 or ed25519")
+        address = m.get("address")
+        if address is not None and (type(address) is not str or len(address) != 42):
+            raise RecordError("address must be a 0x-prefixed 20-byte hex string or absent")
+        policy = m.get("policy")
+        if policy is not None and (type(policy) is not dict or not shallow(policy, MAX_POLICY_DEPTH)):
+            raise RecordError(f"policy must be a map nested at most {MAX_POLICY_DEPTH} deep, or absent")
+        nonce = _bytes(m, "nonce", 12)
+        if len(nonce) != 12:
+            raise RecordError("nonce must be 12 bytes")
+        return cls(_name(m, "key_id"), _name(m, "keyring_id"), _version(m), scheme, _bytes(m, "public_key", 65),
+                   address, nonce, _bytes(m, "ciphertext", 64), _ms(m), policy)  # fmt: skip
 
 
 def _canonical(obj: Any) -> Any:
@@ -107,3 +122,83 @@ def seal(dek: AESGCM, key_id: str, env: KeyringEnvelope, scheme: str, public_key
 def unseal(dek: AESGCM, sealed: SealedKey) -> bytes:
     """The wallet secret; raises cryptography's InvalidTag if anything bound to it was changed."""
     return dek.decrypt(sealed.nonce, sealed.ciphertext, sealed.aad())
+
+
+class RecordError(ValueError):
+    """A keyring or key record from the host that is not well-formed."""
+
+
+_ENVELOPE_FIELDS = frozenset({"v", "keyring_id", "kms_key_id", "dek_version", "encrypted_dek", "created_ms"})
+_SEALED_FIELDS = frozenset({"v", "key_id", "keyring_id", "dek_version", "scheme", "public_key", "address", "nonce",
+                            "ciphertext", "created_ms", "policy"})  # fmt: skip
+NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+MAX_POLICY_DEPTH = 6
+
+
+def shallow(obj: Any, max_depth: int) -> bool:
+    """True if maps and lists nest at most max_depth deep (checked without recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if type(item) is dict:
+            children = list(item.values())
+        elif type(item) is list:
+            children = item
+        else:
+            continue
+        if depth > max_depth:
+            return False
+        stack.extend((c, depth + 1) for c in children)
+    return True
+
+
+def valid_name(value: Any) -> bool:
+    """Keyring names and key ids: 1-64 letters, digits, '-' or '_'."""
+    return type(value) is str and 1 <= len(value) <= 64 and set(value) <= NAME_CHARS
+
+
+def _record(m: Any, fields: frozenset[str]) -> dict[str, Any]:
+    if type(m) is not dict:
+        raise RecordError("a record must be a map")
+    if not set(m) <= fields:
+        raise RecordError(f"unknown record fields {sorted(str(k)[:32] for k in set(m) - fields)[:8]}")
+    if m.get("v", RECORD_VERSION) != RECORD_VERSION:
+        raise RecordError(f"record version must be {RECORD_VERSION}")
+    return m
+
+
+def _name(m: dict[str, Any], field: str) -> str:
+    value = m.get(field)
+    if not valid_name(value):
+        raise RecordError(f"{field} must be 1-64 letters, digits, '-' or '_'")
+    return str(value)
+
+
+def _str(m: dict[str, Any], field: str, max_len: int) -> str:
+    value = m.get(field)
+    if type(value) is not str or not 1 <= len(value) <= max_len:
+        raise RecordError(f"{field} must be a string of 1-{max_len} characters")
+    return value
+
+
+def _bytes(m: dict[str, Any], field: str, max_len: int) -> bytes:
+    value = m.get(field)
+    if type(value) is not bytes or not 1 <= len(value) <= max_len:
+        raise RecordError(f"{field} must be 1-{max_len} bytes")
+    return value
+
+
+def _version(m: dict[str, Any]) -> int:
+    value = m.get("dek_version")
+    if type(value) is not int or not 1 <= value <= 2**31:
+        raise RecordError("dek_version must be a positive integer")
+    return value
+
+
+def _ms(m: dict[str, Any]) -> int:
+    value = m.get("created_ms")
+    if type(value) is not int or not 0 <= value < 2**63:
+        raise RecordError("created_ms must be a non-negative integer")
+    return value

@@ -139,10 +139,14 @@ class KmsClient:
     # -- operations ------------------------------------------------------------------------------------
 
     async def create_key(self, policy: str | None = None, description: str = "") -> str:
+        """-> the new key's ARN."""
         body: dict[str, Any] = {"Description": description}
         if policy is not None:
             body["Policy"] = policy
-        return str((await self.call("CreateKey", body))["KeyMetadata"]["KeyId"])
+        return str((await self.call("CreateKey", body))["KeyMetadata"]["Arn"])
+
+    async def put_key_policy(self, key_id: str, policy: str) -> None:
+        await self.call("PutKeyPolicy", {"KeyId": key_id, "PolicyName": "default", "Policy": policy})
 
     async def encrypt(self, key_id: str, plaintext: bytes, context: dict[str, str] | None = None) -> bytes:
         body: dict[str, Any] = {"KeyId": key_id, "Plaintext": _b64(plaintext)}
@@ -157,8 +161,9 @@ class KmsClient:
         recipient: dict[str, str] | None = None,
         key_id: str | None = None,
         deadline: float | None = None,
-    ) -> tuple[bytes | None, bytes | None]:
-        """-> (Plaintext, CiphertextForRecipient); with a Recipient only the second is set."""
+    ) -> tuple[bytes | None, bytes | None, str | None]:
+        """-> (Plaintext, CiphertextForRecipient, KeyId of the answer); with a Recipient only the
+        second is set. The caller checks KeyId: it names the KMS key that really decrypted."""
         body: dict[str, Any] = {"CiphertextBlob": _b64(blob)}
         if context:
             body["EncryptionContext"] = context
@@ -167,7 +172,8 @@ class KmsClient:
         if key_id:
             body["KeyId"] = key_id
         out = await self.call("Decrypt", body, deadline)
-        return _opt(out, "Plaintext"), _opt(out, "CiphertextForRecipient")
+        key = out.get("KeyId")
+        return _opt(out, "Plaintext"), _opt(out, "CiphertextForRecipient"), key if type(key) is str else None
 
     async def generate_data_key(
         self,
@@ -186,7 +192,7 @@ class KmsClient:
             base64.b64decode(out["CiphertextBlob"]),
             _opt(out, "Plaintext"),
             _opt(out, "CiphertextForRecipient"),
-            str(out.get("KeyId", key_id)),
+            str(out.get("KeyId") or ""),
         )
 
 

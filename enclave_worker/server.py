@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
@@ -21,9 +21,11 @@ from schemas import frames
 from schemas.transport import serve_channel
 
 from .auth import Authenticator
-from .keyring import KeyringEnvelope, SealedKey
+from .keyring import MAX_POLICY_DEPTH, KeyringEnvelope, RecordError, SealedKey, shallow, valid_name
+from .operations import Identity, Operation, OperationVerifier
+from .refusals import Refusal
 from .service import Deferred, SigningService
-from .vault import Vault, VaultError
+from .vault import Vault
 from .wallets import KEY_SCHEMES
 
 log = structlog.get_logger("enclave")
@@ -57,6 +59,13 @@ def noop_batch(items: list[Any]) -> list[list[Any]]:
     return out
 
 
+MAX_CONNECTIONS = 64  # host connections served at once; more are closed at once
+MAX_KEY_OPS_IN_FLIGHT = 8  # per connection; a host that sends more loses the connection
+MAX_LOAD_ENVELOPES = 1_000  # per keyrings.load frame
+MAX_LOAD_KEYS = 5_000  # per keyrings.load frame
+MAX_LIST_KEYS = 10_000
+
+
 class EnclaveServer:
     def __init__(
         self,
@@ -66,6 +75,7 @@ class EnclaveServer:
         handler: str = "sign",
         vault: Vault | None = None,
         auth: Authenticator | None = None,
+        max_keys: int = 1_000_000,
     ) -> None:
         if handler == "sign" and vault is None:
             raise ValueError("the sign handler needs a vault (KMS endpoint and attestation provider)")
@@ -74,9 +84,21 @@ class EnclaveServer:
         self.credits = credits
         self.handler = handler
         self.vault = vault
+        self.max_keys = max_keys
+        self.identity = Identity()
+        self.operations = OperationVerifier(vault.config, self.identity) if vault is not None else None
         self.service = SigningService(enclave_id, vault, auth) if vault is not None else None
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
+        self.key_ops: dict[str, KeyOpHandler] = {
+            "keyrings.load": self._op_load,
+            "enclave.identity": self._op_identity,
+            "keys.create": self._op_create,
+            "keys.import": self._op_import,
+            "keys.rotate_dek": self._op_rotate,
+            "keys.list": self._op_list,
+            "kms.credentials": self._op_credentials,
+        }
 
     async def start(self) -> None:
         self._server = await serve_channel(self.url, self._on_connection)
@@ -119,6 +141,10 @@ class EnclaveServer:
         }
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._handlers) >= MAX_CONNECTIONS:
+            log.warning("channel_refused", reason="too_many_connections", limit=MAX_CONNECTIONS)
+            writer.close()
+            return
         frames.limit_write_buffer(writer)
         conn = _Connection(self, writer)
         me = asyncio.current_task()
@@ -154,20 +180,117 @@ class EnclaveServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
+    # -- key operations (a table: operation name -> handler) -------------------------------------
+
+    def _vault(self) -> Vault:
+        if self.vault is None:
+            raise Refusal("unsupported", "this enclave worker has no vault (noop handler)", "error")
+        return self.vault
+
+    def _signed(self, op: str, args: Any) -> Operation:
+        self._vault()
+        assert self.operations is not None
+        return self.operations.verify(op, args)
+
+    async def _op_load(self, args: dict[str, Any]) -> dict[str, Any]:
+        vault = self._vault()
+        envs, keys = args.get("envelopes", []), args.get("keys", [])
+        if type(envs) is not list or len(envs) > MAX_LOAD_ENVELOPES:
+            raise Refusal("invalid_argument", f"envelopes must be a list of at most {MAX_LOAD_ENVELOPES}", "error")
+        if type(keys) is not list or len(keys) > MAX_LOAD_KEYS:
+            raise Refusal("invalid_argument", f"keys must be a list of at most {MAX_LOAD_KEYS}", "error")
+        try:
+            envelopes = [KeyringEnvelope.from_wire(m) for m in envs]
+            sealed = [SealedKey.from_wire(m) for m in keys]
+        except RecordError as exc:
+            raise Refusal("invalid_record", str(exc), "error") from None
+        new = sum(1 for k in sealed if k.key_id not in vault.sealed)
+        if len(vault.sealed) + new > self.max_keys:
+            raise Refusal("too_many_keys", f"this enclave holds at most {self.max_keys} keys", "error")
+        vault.load(envelopes, sealed)
+        return {"keyrings": len(vault.current), "keys": len(vault.sealed)}
+
+    async def _op_identity(self, args: dict[str, Any]) -> dict[str, Any]:
+        doc = self._vault().identity_document(self.identity.public_key)
+        return {"attestation_document": doc, "enclave_id": self.enclave_id}
+
+    def _receipt(self, operation: Operation, result: dict[str, Any]) -> dict[str, Any]:
+        attested = result.pop("attested")
+        return {**result, "receipt": self.identity.receipt(operation.op, operation.raw, attested)}
+
+    async def _op_create(self, args: dict[str, Any]) -> dict[str, Any]:
+        operation = self._signed("keys.create", args)
+        a = operation.args
+        result = await self._vault().create_key(_name(a, "keyring"), _scheme(a), _policy(a))
+        log.info("key_created", key_id=result["key"]["key_id"], keyring=result["key"]["keyring"],
+                 operators=operation.approved_by)  # fmt: skip
+        return self._receipt(operation, result)
+
+    async def _op_import(self, args: dict[str, Any]) -> dict[str, Any]:
+        operation = self._signed("keys.import", args)
+        a = operation.args
+        encrypted = args.get("encrypted_key")
+        if type(encrypted) is not bytes or len(encrypted) != 256:
+            raise Refusal("invalid_argument", "encrypted_key must be 256 bytes (RSA-2048 OAEP)", "error")
+        if a.get("encrypted_key_sha256") != hashlib.sha256(encrypted).digest():
+            raise Refusal("operation_mismatch", "encrypted_key is not the one the operators approved", "error")
+        result = await self._vault().import_key(_name(a, "keyring"), _scheme(a), encrypted, _policy(a))
+        log.info("key_imported", key_id=result["key"]["key_id"], keyring=result["key"]["keyring"],
+                 operators=operation.approved_by)  # fmt: skip
+        return self._receipt(operation, result)
+
+    async def _op_rotate(self, args: dict[str, Any]) -> dict[str, Any]:
+        operation = self._signed("keys.rotate_dek", args)
+        keyring = _name(operation.args, "keyring")
+        result = await self._vault().rotate_dek(keyring)
+        log.info("dek_rotated", keyring=keyring, keys=len(result["sealed"]), operators=operation.approved_by)
+        return self._receipt(operation, result)
+
+    async def _op_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        vault = self._vault()
+        nonce = args.get("nonce")
+        if type(nonce) is not bytes or not 16 <= len(nonce) <= 64:
+            raise Refusal("invalid_argument", "keys.list needs a 16-64 byte nonce", "error")
+        keys = await vault.authenticated_keys(time.monotonic() + vault.settings.unwrap_timeout_s, MAX_LIST_KEYS)
+        receipt = self.identity.receipt("keys.list", nonce, {"keys": keys})
+        return {"keys": [_public(k) for k in keys], "receipt": receipt}
+
+    async def _op_credentials(self, args: dict[str, Any]) -> dict[str, Any]:
+        vault = self._vault()
+        ak, sk, token = args.get("access_key_id"), args.get("secret_access_key"), args.get("session_token")
+        if not (_short_str(ak) and _short_str(sk) and (token is None or _short_str(token, 4096))):
+            raise Refusal("invalid_argument", "kms.credentials needs access_key_id, secret_access_key (and optional "
+                          "session_token) as strings", "error")  # fmt: skip
+        # credentials only sign requests: the KMS endpoint and key ARNs come from the measured configuration
+        vault.kms.set_credentials(str(ak), str(sk), token)
+        log.info("kms_credentials_updated", access_key_id=str(ak)[:4] + "...")
+        return {"updated": True}
+
+
+KeyOpHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
 
 class _Connection:
-    """One host connection: frames out under a lock, and the tasks serving its slow requests."""
+    """One host connection: frames out under a lock, credits enforced, and the tasks serving its
+    slow requests and key operations."""
 
     def __init__(self, server: EnclaveServer, writer: asyncio.StreamWriter) -> None:
         self.server = server
         self.writer = writer
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.outstanding = 0  # sign requests received and not yet answered
+        self.key_ops = 0
 
     async def send(self, body: dict[str, Any]) -> None:
         data = frames.encode_frame(body)
         async with self._lock:
             await frames.write_frame(self.writer, data)
+
+    async def send_results(self, items: list[list[Any]]) -> None:
+        self.outstanding -= len(items)
+        # credits come back with the results: the host may send this many more
+        await self.send({"t": frames.RESULTS, "items": items, "credits": len(items)})
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -189,95 +312,84 @@ class _Connection:
                 type(i) is list and len(i) == 2 and type(i[0]) is int and type(i[1]) is bytes for i in items
             ):
                 raise frames.FrameError("corrupt_frame", "sign frame items must be [[int, bytes], ...]")
+            self.outstanding += len(items)
+            if self.outstanding > self.server.credits:
+                raise frames.FrameError(
+                    "credits_exceeded", f"{self.outstanding} requests outstanding, {self.server.credits} granted"
+                )
             service = self.server.service
             if service is None:
-                await self.send({"t": frames.RESULTS, "items": noop_batch(items), "credits": len(items)})
+                await self.send_results(noop_batch(items))
                 return
             ready, deferred = service.sign_batch(items)
-            # credits come back with the results: the host may send this many more
             if ready:
-                await self.send({"t": frames.RESULTS, "items": ready, "credits": len(ready)})
+                await self.send_results(ready)
             if deferred:
                 self.spawn(self._finish_deferred(service, deferred))
         elif t == frames.PING:
-            await self.send({"t": frames.PONG, "id": body.get("id"), "stats": self.server.stats()})
+            ping_id = body.get("id")
+            await self.send({"t": frames.PONG, "id": ping_id if type(ping_id) is int else None,
+                             "stats": self.server.stats()})  # fmt: skip
         elif t == frames.KEY_OP:
+            if self.key_ops >= MAX_KEY_OPS_IN_FLIGHT:
+                raise frames.FrameError("too_many_key_ops", f"more than {MAX_KEY_OPS_IN_FLIGHT} key operations at once")
+            self.key_ops += 1
             self.spawn(self._key_op(body))
         else:
             raise frames.FrameError("unknown_frame", f"unexpected frame type {t[:32]!r}")
 
     async def _finish_deferred(self, service: SigningService, deferred: list[Deferred]) -> None:
-        results = await service.sign_deferred(deferred)
-        await self.send({"t": frames.RESULTS, "items": results, "credits": len(results)})
+        await self.send_results(await service.sign_deferred(deferred))
 
     async def _key_op(self, body: dict[str, Any]) -> None:
-        reply: dict[str, Any] = {"t": frames.KEY_OP_RESULT, "id": body.get("id")}
+        op_id = body.get("id")
+        reply: dict[str, Any] = {"t": frames.KEY_OP_RESULT, "id": op_id if type(op_id) is int else None}
+        op, args = body.get("op"), body.get("args")
         try:
-            reply.update(ok=True, result=await self._run_op(body.get("op"), body.get("args")))
-        except VaultError as exc:
-            reply.update(ok=False, error={"code": exc.code, "message": exc.message})
-        except (ValueError, TypeError, KeyError) as exc:
-            reply.update(ok=False, error={"code": "invalid_argument", "message": str(exc)[:200]})
+            handler = self.server.key_ops.get(op) if type(op) is str else None
+            if handler is None:
+                raise Refusal("unknown_op", f"unknown op {str(op)[:40]!r}", "error")
+            if type(args) is not dict:
+                raise Refusal("invalid_argument", "args must be a map", "error")
+            reply.update(ok=True, result=await handler(args))
+        except Refusal as exc:
+            reply.update(ok=False, error=exc.to_wire())
+        except Exception as exc:  # never a silent drop: every operation gets a typed reply
+            log.warning("key_op_failed", op=str(op)[:40], error=type(exc).__name__)
+            reply.update(ok=False, error={"code": "internal", "message": f"enclave failed: {type(exc).__name__}"})
+        finally:
+            self.key_ops -= 1
         await self.send(reply)
-
-    async def _run_op(self, op: Any, args: Any) -> dict[str, Any]:
-        vault = self.server.vault
-        if vault is None:
-            raise VaultError("unsupported", "this enclave worker has no vault (noop handler)")
-        if type(args) is not dict:
-            raise ValueError("args must be a map")
-        if op == "keyrings.load":
-            envelopes = [KeyringEnvelope.from_wire(m) for m in args.get("envelopes", [])]
-            keys = [SealedKey.from_wire(m) for m in args.get("keys", [])]
-            vault.load(envelopes, keys)
-            return {"keyrings": len(vault.current), "keys": len(vault.sealed)}
-        if op == "keys.create":
-            result = await vault.create_key(
-                _name(args, "keyring"), _scheme(args), str(args.get("kms_key_id") or ""), args.get("policy")
-            )
-            log.info("key_created", key_id=result["key"]["key_id"], keyring=result["key"]["keyring"])
-            return result
-        if op == "keys.import_target":
-            return {**vault.import_target(), "enclave_id": self.server.enclave_id}
-        if op == "keys.import":
-            encrypted = args.get("encrypted_key")
-            if type(encrypted) is not bytes:
-                raise ValueError("encrypted_key must be bytes")
-            result = await vault.import_key(_name(args, "keyring"), _scheme(args), str(args.get("kms_key_id") or ""),
-                                            encrypted, args.get("policy"))  # fmt: skip
-            log.info("key_imported", key_id=result["key"]["key_id"], keyring=result["key"]["keyring"])
-            return result
-        if op == "keys.rotate_dek":
-            result = await vault.rotate_dek(_name(args, "keyring"), str(args.get("kms_key_id") or ""))
-            log.info("dek_rotated", keyring=args["keyring"], keys=len(result["sealed"]))
-            return result
-        if op == "keys.list":
-            return {"keys": [k.describe() for k in vault.sealed.values()]}
-        if op == "kms.credentials":
-            ak, sk, token = args.get("access_key_id"), args.get("secret_access_key"), args.get("session_token")
-            if (
-                type(ak) is not str
-                or type(sk) is not str
-                or not ak
-                or not sk
-                or (token is not None and type(token) is not str)
-            ):
-                raise ValueError("kms.credentials needs access_key_id, secret_access_key (and optional session_token)")
-            vault.kms.set_credentials(ak, sk, token)
-            log.info("kms_credentials_updated", access_key_id=ak[:4] + "...")
-            return {"updated": True}
-        raise VaultError("unknown_op", f"unknown op {str(op)[:40]!r}")
 
 
 def _name(args: dict[str, Any], field: str) -> str:
     value = args.get(field)
-    if type(value) is not str or not 1 <= len(value) <= 64 or not value.replace("-", "").replace("_", "").isalnum():
-        raise ValueError(f"{field} must be 1-64 letters, digits, '-' or '_'")
-    return value
+    if not valid_name(value):
+        raise Refusal("invalid_argument", f"{field} must be 1-64 letters, digits, '-' or '_'", "error")
+    return str(value)
 
 
 def _scheme(args: dict[str, Any]) -> str:
     scheme = args.get("scheme")
     if scheme not in KEY_SCHEMES:
-        raise ValueError(f"unknown key scheme {scheme!r}, expected one of {KEY_SCHEMES}")
+        raise Refusal("invalid_argument", f"unknown key scheme {str(scheme)[:20]!r}, expected one of {KEY_SCHEMES}",
+                      "error")  # fmt: skip
     return str(scheme)
+
+
+def _policy(args: dict[str, Any]) -> dict[str, Any] | None:
+    policy = args.get("policy")
+    if policy is not None and (type(policy) is not dict or not shallow(policy, MAX_POLICY_DEPTH)):
+        raise Refusal("invalid_policy", "a policy must be a map (see the key policy documentation)", "error")
+    return policy
+
+
+def _short_str(value: Any, max_len: int = 256) -> bool:
+    return type(value) is str and 1 <= len(value) <= max_len
+
+
+def _public(attested: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in attested.items() if k not in ("public_key", "policy_sha256")}
+    out["public_key"] = attested["public_key"].hex()
+    out["policy_sha256"] = attested["policy_sha256"].hex()
+    return out

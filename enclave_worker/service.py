@@ -32,8 +32,9 @@ from schemas.sign_result import (
 from . import signers
 from .auth import Authenticator, AuthFailure
 from .eip712 import TypedDataError, typed_data_digest
-from .policy import PolicyError, PolicyViolation
-from .vault import Vault, VaultError
+from .policy import PolicyViolation
+from .refusals import Refusal
+from .vault import OpenedKey, Vault
 from .wallets import Wallet
 
 _KEY_SCHEMES = {
@@ -47,7 +48,7 @@ _KEY_SCHEMES = {
 
 @dataclass(slots=True)
 class Prepared:
-    """A request that passed validation, policy and authentication, ready for its key."""
+    """A decoded request, not yet checked against its key (which is not opened yet)."""
 
     req: SignRequest
     tx: EthTx | None = None
@@ -68,6 +69,10 @@ class Deferred:
 
 
 class SigningService:
+    """Signs with keys the vault has just authenticated: a request's scheme, policy and auth are
+    checked against the opened key (never against the host's copy of its record), and that same
+    key signs. The EIP-712 digest is computed only after every check has passed."""
+
     def __init__(self, enclave_id: str, vault: Vault, auth: Authenticator | None = None) -> None:
         self.enclave_id = enclave_id
         self.vault = vault
@@ -79,26 +84,65 @@ class SigningService:
         deferred: list[Deferred] = []
         now_ms = int(time.time() * 1000)
         mono = time.monotonic()
+        cap = self.vault.settings.unwrap_timeout_s
         for corr_id, raw in items:
             t0 = time.perf_counter_ns()
+            prepared: Prepared | None = None
             try:
-                outcome = self._sign_hot(raw, now_ms)
+                outcome: SignResult | Prepared | dict[str, Any] = self._prepare(raw, now_ms)
                 if isinstance(outcome, Prepared):
-                    req = outcome.req
-                    if req.deadline_ms is not None:
-                        deadline = mono + (req.deadline_ms - now_ms) / 1000
-                    else:
-                        deadline = mono + self.vault.settings.unwrap_timeout_s
-                    deferred.append(Deferred(corr_id, outcome, t0, deadline))
-                    continue
-                if isinstance(outcome, dict):  # signed now (or a redelivery's first result)
+                    prepared = outcome
+                    key = self.vault.hot_key(prepared.req.key_id)
+                    if key is None:  # its keyring must be unwrapped first
+                        req = prepared.req
+                        # a deadline is capped at now + the unwrap timeout: a host cannot park work here
+                        wait = cap if req.deadline_ms is None else min(cap, (req.deadline_ms - now_ms) / 1000)
+                        deferred.append(Deferred(corr_id, prepared, t0, mono + wait))
+                        continue
+                    outcome = self._sign_with(prepared, key)
+                if isinstance(outcome, dict):  # a redelivery's first result
                     ready.append([corr_id, outcome])
                     continue
+                assert isinstance(outcome, SignResult)
                 result = outcome
+            except Refusal as exc:
+                result = self._refused(prepared, exc)
             except Exception as exc:  # one bad item never takes down the batch or the loop
-                result = SignResult.failure("", "", "error", INTERNAL, f"enclave failed: {type(exc).__name__}")
-            ready.append([corr_id, self._finish(result, t0)])
+                result = self._internal(prepared, exc)
+            ready.append([corr_id, self._finish(result, t0, prepared)])
         return ready, deferred
+
+    async def sign_deferred(self, deferred: list[Deferred]) -> list[list[Any]]:
+        """Unwrap each needed keyring once (concurrently), then open, check and sign each request."""
+        groups: dict[tuple[str, int], list[Deferred]] = {}
+        for d in deferred:
+            sealed = self.vault.sealed.get(d.req.key_id)
+            slot = (sealed.keyring_id, sealed.dek_version) if sealed is not None else ("", 0)
+            groups.setdefault(slot, []).append(d)
+        slots = [slot for slot in groups if slot[0]]
+        await asyncio.gather(
+            *(self.vault.data_key(kr, v, max(d.deadline for d in groups[(kr, v)])) for kr, v in slots),
+            return_exceptions=True,  # each request meets its own keyring's failure below
+        )
+        out: list[list[Any]] = []
+        for items in groups.values():
+            for d in items:
+                try:
+                    if d.req.deadline_ms is not None and d.req.deadline_ms <= int(time.time() * 1000):
+                        outcome: SignResult | dict[str, Any] = _expired(d.req)
+                    else:
+                        # the record current *now* is opened, checked and signs (the host may have swapped it)
+                        outcome = self._sign_with(d.prepared, await self.vault.open_key(d.req.key_id, d.deadline))
+                except Refusal as exc:
+                    outcome = self._refused(d.prepared, exc)
+                except Exception as exc:
+                    outcome = self._internal(d.prepared, exc)
+                if isinstance(outcome, dict):
+                    out.append([d.corr_id, outcome])
+                    continue
+                outcome.timings_us["kms_wait"] = (time.perf_counter_ns() - d.t0_ns) // 1000
+                out.append([d.corr_id, self._finish(outcome, d.t0_ns, d.prepared)])
+        return out
 
     def _finish(self, result: SignResult, t0_ns: int, prepared: Prepared | None = None) -> dict[str, Any]:
         result.enclave_id = self.enclave_id
@@ -108,99 +152,59 @@ class SigningService:
             prepared.auth_entry.result = wire  # a redelivery of this request gets these same bytes
         return wire
 
-    def _prepare(self, raw: Any, now_ms: int) -> SignResult | Prepared | dict[str, Any]:
-        """Decode, check deadline, key, scheme, policy and authentication; no key is opened yet."""
+    @staticmethod
+    def _refused(prepared: Prepared | None, exc: Refusal) -> SignResult:
+        rid, kid = (prepared.req.request_id, prepared.req.key_id) if prepared is not None else ("", "")
+        return SignResult.failure(rid, kid, exc.status, exc.code, exc.message)
+
+    @staticmethod
+    def _internal(prepared: Prepared | None, exc: Exception) -> SignResult:
+        rid, kid = (prepared.req.request_id, prepared.req.key_id) if prepared is not None else ("", "")
+        return SignResult.failure(rid, kid, "error", INTERNAL, f"enclave failed: {type(exc).__name__}")
+
+    def _prepare(self, raw: Any, now_ms: int) -> SignResult | Prepared:
+        """Decode and check what needs no key: the deadline, that the key exists, the transaction."""
         try:
             req = decode_sign_request(raw)
         except SchemaError as exc:
             return SignResult.failure(exc.request_id or "", "", "error", exc.code, exc.message)
         if req.deadline_ms is not None and req.deadline_ms <= now_ms:
             return _expired(req)
-        sealed = self.vault.sealed.get(req.key_id)
-        if sealed is None:
+        if req.key_id not in self.vault.sealed:
             return SignResult.failure(req.request_id, req.key_id, "error", UNKNOWN_KEY, "no such key in this enclave")
-        if _KEY_SCHEMES[req.scheme] != sealed.scheme:
-            return SignResult.failure(
-                req.request_id,
-                req.key_id,
-                "rejected",
-                SCHEME_MISMATCH,
-                f"a {sealed.scheme} key cannot sign {req.scheme}",
-            )
         prepared = Prepared(req)
-        try:
-            policy = self.vault.policy(req.key_id)
-            if req.scheme == "eth_tx":
-                prepared.tx = req.parsed or parse_eth_tx(req.payload, req.request_id)
-            elif req.scheme == "eth_typed_data":
-                prepared.typed_digest = typed_data_digest(req.payload)
-            if policy is not None:
-                policy.check(req.scheme, req.payload, prepared.tx)
-            prepared.auth_entry = self.auth.verify(req, policy)
-        except PolicyError as exc:
-            return SignResult.failure(req.request_id, req.key_id, "error", "invalid_policy", str(exc))
-        except (PolicyViolation, AuthFailure) as exc:
-            return SignResult.failure(req.request_id, req.key_id, "rejected", exc.code, exc.message)
-        except TypedDataError as exc:
-            status = "error" if exc.code == "invalid_typed_data" else "rejected"
-            return SignResult.failure(req.request_id, req.key_id, status, exc.code, exc.message)
-        if prepared.auth_entry is not None and prepared.auth_entry.result is not None:
-            return dict(prepared.auth_entry.result)  # a redelivery: the same result as the first time
+        if req.scheme == "eth_tx":
+            prepared.tx = req.parsed or parse_eth_tx(req.payload, req.request_id)
         return prepared
 
-    def _sign_hot(self, raw: Any, now_ms: int) -> SignResult | Prepared | dict[str, Any]:
-        t0 = time.perf_counter_ns()
-        outcome = self._prepare(raw, now_ms)
-        if not isinstance(outcome, Prepared):
-            return outcome
-        req = outcome.req
+    def _authorize(self, prepared: Prepared, key: OpenedKey) -> dict[str, Any] | None:
+        """Scheme, policy and authentication against the opened key, then (only then) the typed-data
+        digest. Raises Refusal; returns a redelivery's earlier result, or None to sign."""
+        req = prepared.req
+        if _KEY_SCHEMES[req.scheme] != key.record.scheme:
+            raise Refusal(SCHEME_MISMATCH, f"a {key.record.scheme} key cannot sign {req.scheme}")
         try:
-            wallet = self.vault.hot_wallet(req.key_id)
-        except VaultError as exc:
-            return SignResult.failure(req.request_id, req.key_id, exc.status, exc.code, exc.message)
-        if wallet is None:
-            return outcome  # its keyring must be unwrapped first
-        return self._finish(self._sign(outcome, wallet), t0, outcome)
+            if key.policy is not None:
+                key.policy.check(req.scheme, req.payload, prepared.tx)
+            prepared.auth_entry = self.auth.verify(req, key.policy)
+        except (PolicyViolation, AuthFailure) as exc:
+            raise Refusal(exc.code, exc.message) from None
+        if prepared.auth_entry is not None and prepared.auth_entry.result is not None:
+            return dict(prepared.auth_entry.result)  # a redelivery: the same result as the first time
+        if req.scheme == "eth_typed_data":
+            try:
+                prepared.typed_digest = typed_data_digest(req.payload)
+            except TypedDataError as exc:
+                raise Refusal(
+                    exc.code, exc.message, "error" if exc.code == "invalid_typed_data" else "rejected"
+                ) from None
+        return None
 
-    async def sign_deferred(self, deferred: list[Deferred]) -> list[list[Any]]:
-        """Unwrap each needed keyring once (concurrently), then sign or expire each request."""
-        groups: dict[tuple[str, int], list[Deferred]] = {}
-        for d in deferred:
-            sealed = self.vault.sealed[d.prepared.req.key_id]
-            groups.setdefault((sealed.keyring_id, sealed.dek_version), []).append(d)
-        slots = list(groups)
-        outcomes = await asyncio.gather(
-            *(self.vault.data_key(kr, v, max(d.deadline for d in groups[(kr, v)])) for kr, v in slots),
-            return_exceptions=True,
-        )
-        failures = {slot: o for slot, o in zip(slots, outcomes, strict=True) if isinstance(o, BaseException)}
-        out: list[list[Any]] = []
-        now_ms = int(time.time() * 1000)
-        for slot, items in groups.items():
-            for d in items:
-                failure = failures.get(slot)
-                try:
-                    if d.req.deadline_ms is not None and d.req.deadline_ms <= now_ms:
-                        result = _expired(d.req)
-                    elif isinstance(failure, VaultError):
-                        result = SignResult.failure(d.req.request_id, d.req.key_id, failure.status, failure.code,
-                                                    failure.message)  # fmt: skip
-                    elif failure is not None:
-                        result = SignResult.failure(d.req.request_id, d.req.key_id, "error", INTERNAL,
-                                                    f"enclave failed: {type(failure).__name__}")  # fmt: skip
-                    else:
-                        wallet = self.vault.hot_wallet(d.req.key_id) or await self.vault.wallet(
-                            d.req.key_id, d.deadline
-                        )
-                        result = self._sign(d.prepared, wallet)
-                except VaultError as exc:
-                    result = SignResult.failure(d.req.request_id, d.req.key_id, exc.status, exc.code, exc.message)
-                except Exception as exc:
-                    result = SignResult.failure(d.req.request_id, d.req.key_id, "error", INTERNAL,
-                                                f"enclave failed: {type(exc).__name__}")  # fmt: skip
-                result.timings_us["kms_wait"] = (time.perf_counter_ns() - d.t0_ns) // 1000
-                out.append([d.corr_id, self._finish(result, d.t0_ns, d.prepared)])
-        return out
+    def _sign_with(self, prepared: Prepared, key: OpenedKey) -> SignResult | dict[str, Any]:
+        earlier = self._authorize(prepared, key)
+        if earlier is not None:
+            return earlier
+        return self._sign(prepared, key.wallet)
 
     def _sign(self, prepared: Prepared, wallet: Wallet) -> SignResult:
         req = prepared.req

@@ -19,19 +19,26 @@ import time
 from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.padding import MGF1, OAEP
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from schemas.operations import identity_user_data, import_label, policy_digest
+
 from .attestation import AttestationProvider
-from .cms import OAEP_SHA256, CmsError, open_enveloped_data
+from .cms import CmsError, open_enveloped_data
 from .datakeys import CachedDataKey, DataKeyCache
 from .keyring import KeyringEnvelope, SealedKey, seal, unseal
 from .kms import KmsClient, KmsError
 from .policy import KeyPolicy, PolicyError, parse_policy
+from .refusals import Refusal
+from .trust import EnclaveConfig
 from .wallets import Wallet, new_secret, wallet_from_secret
 
 log = structlog.get_logger("vault")
@@ -39,12 +46,8 @@ log = structlog.get_logger("vault")
 UNWRAP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-class VaultError(Exception):
-    """A key that cannot be used now; ``code`` becomes the result's error code."""
-
-    def __init__(self, code: str, message: str, status: str = "error") -> None:
-        super().__init__(f"{code}: {message}")
-        self.code, self.message, self.status = code, message, status
+# the vault's refusals are the enclave's one refusal type (kept under its old name here)
+VaultError = Refusal
 
 
 @dataclass(frozen=True)
@@ -56,31 +59,59 @@ class VaultSettings:
     cache_max_uses: int = 10_000_000
 
 
+@dataclass(frozen=True, slots=True)
+class OpenedKey:
+    """A wallet key whose sealed record was just authenticated (AEAD-verified) by this enclave.
+
+    Policy and authentication are evaluated on this object only, and its wallet is the one
+    that signs: the host's copy of the record may change at any time, this cannot."""
+
+    record: SealedKey
+    wallet: Wallet
+    policy: KeyPolicy | None
+
+
 class Vault:
-    def __init__(self, kms: KmsClient, attestation: AttestationProvider, settings: VaultSettings | None = None):
+    def __init__(
+        self,
+        kms: KmsClient,
+        attestation: AttestationProvider,
+        config: EnclaveConfig,
+        settings: VaultSettings | None = None,
+    ) -> None:
         self.kms = kms
         self.attestation = attestation
+        self.config = config
         self.settings = settings or VaultSettings()
-        # RSA-2048 costs ~60 ms to generate: once per process, reused for every KMS call
-        self._rsa = rsa.generate_private_key(65537, 2048)
-        self._spki = self._rsa.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        # RSA-2048 costs ~60 ms to generate: once per process, reused. Two keys, never mixed:
+        # KMS answers (CiphertextForRecipient) are encrypted to one, operators' key imports to
+        # the other, so nothing KMS returns can be passed off as an import.
+        self._recipient_rsa = rsa.generate_private_key(65537, 2048)
+        self._recipient_spki = _spki(self._recipient_rsa)
+        self._import_rsa = rsa.generate_private_key(65537, 2048)
+        self.import_spki = _spki(self._import_rsa)
         s = self.settings
         self.cache = DataKeyCache(s.cache_entries, s.cache_ttl_s, s.cache_max_uses)
         self.envelopes: dict[tuple[str, int], KeyringEnvelope] = {}
         self.current: dict[str, int] = {}  # keyring_id -> current DEK version
-        self.sealed: dict[str, SealedKey] = {}
+        self.sealed: dict[str, SealedKey] = {}  # as the host supplied them: untrusted until opened
         self._inflight: dict[tuple[str, int], asyncio.Task[CachedDataKey]] = {}
         self._sem: asyncio.Semaphore | None = None
         self._keyring_locks: dict[str, asyncio.Lock] = {}
         self.stats: Counter[str] = Counter()
         self.unwrap_bounds = list(UNWRAP_BUCKETS)
         self.unwrap_counts = [0] * (len(UNWRAP_BUCKETS) + 1)
-        self._policies: dict[str, tuple[SealedKey, KeyPolicy | None]] = {}
         self.unwrap_seconds = 0.0
 
     # -- loading what the host stores -------------------------------------------------------------
 
     def load(self, envelopes: list[KeyringEnvelope], keys: list[SealedKey]) -> None:
+        """Take the host's records. Nothing in them is believed until a record opens: an
+        envelope under a KMS key outside the configuration is kept out altogether."""
+        for env in envelopes:
+            if not self.config.allows_kms_key(env.kms_key_id):
+                raise Refusal("kms_key_not_allowed", f"keyring {env.keyring_id}: its KMS key is not in this "
+                              "enclave's configuration", "error")  # fmt: skip
         for env in envelopes:
             self.envelopes[(env.keyring_id, env.dek_version)] = env
             if env.dek_version >= self.current.get(env.keyring_id, 0):
@@ -95,18 +126,8 @@ class Vault:
 
     # -- the signing path -------------------------------------------------------------------------------
 
-    def policy(self, key_id: str) -> KeyPolicy | None:
-        """The key's parsed policy (sealed with it: it only counts once the key opens)."""
-        sealed = self.sealed.get(key_id)
-        if sealed is None or sealed.policy is None:
-            return None
-        cached = self._policies.get(key_id)
-        if cached is None or cached[0] is not sealed:
-            cached = self._policies[key_id] = (sealed, parse_policy(sealed.policy))
-        return cached[1]
-
-    def hot_wallet(self, key_id: str) -> Wallet | None:
-        """The wallet if its data key is cached (no await): the fast path."""
+    def hot_key(self, key_id: str) -> OpenedKey | None:
+        """The key, authenticated from its current record, if its data key is cached (no await)."""
         sealed = self.sealed.get(key_id)
         if sealed is None:
             return None
@@ -114,28 +135,43 @@ class Vault:
         if entry is None:
             return None
         entry.uses += 1
-        return entry.wallets.get(key_id) or self._open(entry, sealed)
+        opened = entry.wallets.get(key_id)
+        if opened is not None and opened.record is sealed:
+            return cast(OpenedKey, opened)
+        return self._open(entry, sealed)
 
-    async def wallet(self, key_id: str, deadline: float) -> Wallet:
-        """The wallet, unwrapping its keyring's data key through KMS if needed."""
-        sealed = self.sealed.get(key_id)
-        if sealed is None:
-            raise VaultError("unknown_key", "no such key in this enclave's keyrings")
-        entry = await self.data_key(sealed.keyring_id, sealed.dek_version, deadline)
-        entry.uses += 1
-        return entry.wallets.get(key_id) or self._open(entry, sealed)
+    async def open_key(self, key_id: str, deadline: float) -> OpenedKey:
+        """The key, unwrapping its keyring's data key through KMS if needed, then authenticated
+        from the record that is current *after* the unwrap (the host may have replaced it)."""
+        for _ in range(3):
+            sealed = self.sealed.get(key_id)
+            if sealed is None:
+                raise Refusal("unknown_key", "no such key in this enclave's keyrings", "error")
+            await self.data_key(sealed.keyring_id, sealed.dek_version, deadline)
+            opened = self.hot_key(key_id)
+            if opened is not None:
+                return opened
+        raise Refusal("key_unstable", "the key's record kept changing while its keyring was unwrapped", "error")
 
-    def _open(self, entry: CachedDataKey, sealed: SealedKey) -> Wallet:
+    def _open(self, entry: CachedDataKey, sealed: SealedKey) -> OpenedKey:
         try:
             secret = bytearray(unseal(entry.aead, sealed))
         except InvalidTag:
-            raise VaultError("sealed_key_invalid", "the sealed key does not open with its keyring's data key") from None
+            raise Refusal("sealed_key_invalid", "the sealed key does not open with its keyring's data key",
+                          "error") from None  # fmt: skip
         try:
             wallet = wallet_from_secret(sealed.key_id, sealed.scheme, bytes(secret))
+        except ValueError:
+            raise Refusal("sealed_key_invalid", "the sealed key does not hold a valid private key", "error") from None
         finally:
             secret[:] = bytes(len(secret))
-        entry.wallets[sealed.key_id] = wallet
-        return wallet
+        try:
+            policy = parse_policy(sealed.policy)
+        except PolicyError as exc:  # sealed by an older enclave whose rules were looser: fail closed
+            raise Refusal("invalid_policy", f"the key's sealed policy is not accepted: {exc}", "error") from None
+        opened = OpenedKey(sealed, wallet, policy)
+        entry.wallets[sealed.key_id] = opened
+        return opened
 
     async def data_key(self, keyring_id: str, version: int, deadline: float) -> CachedDataKey:
         entry = self.cache.get(keyring_id, version)
@@ -151,12 +187,12 @@ class Vault:
             self.stats["unwrap_joined"] += 1
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise VaultError("deadline_passed", "deadline passed while waiting for the keyring", status="expired")
+            raise Refusal("deadline_passed", "deadline passed while waiting for the keyring", "expired")
         try:
             async with asyncio.timeout(remaining):
                 return await asyncio.shield(task)
         except TimeoutError:
-            raise VaultError("deadline_passed", "deadline passed while the keyring was unwrapped", "expired") from None
+            raise Refusal("deadline_passed", "deadline passed while the keyring was unwrapped", "expired") from None
 
     def _unwrap_done(self, task: asyncio.Task[CachedDataKey]) -> None:
         for slot, t in list(self._inflight.items()):
@@ -168,13 +204,16 @@ class Vault:
     async def _unwrap(self, slot: tuple[str, int]) -> CachedDataKey:
         env = self.envelopes.get(slot)
         if env is None:
-            raise VaultError("unknown_keyring", f"keyring {slot[0]} v{slot[1]} is not loaded")
+            raise Refusal("unknown_keyring", f"keyring {slot[0]} v{slot[1]} is not loaded", "error")
+        if not self.config.allows_kms_key(env.kms_key_id):  # load() keeps them out; checked again here
+            raise Refusal("kms_key_not_allowed", "the keyring's KMS key is not in this enclave's configuration",
+                          "error")  # fmt: skip
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.settings.max_concurrent_unwraps)
         async with self._sem:
             t0 = time.monotonic()
             try:
-                _, cms = await self.kms.decrypt(
+                _, cms, answered_by = await self.kms.decrypt(
                     env.encrypted_dek, env.kms_context(), self.recipient(), key_id=env.kms_key_id,
                     deadline=t0 + self.settings.unwrap_timeout_s,
                 )  # fmt: skip
@@ -182,6 +221,7 @@ class Vault:
                 raise _kms_failure(exc) from None
             finally:
                 self.stats["kms_decrypt"] += 1
+            self._check_answered_by(answered_by, env.kms_key_id)
             dek = self._open_cms(cms)
             entry = self.cache.put(env.keyring_id, env.dek_version, dek)
             elapsed = time.monotonic() - t0
@@ -194,62 +234,64 @@ class Vault:
                      seconds=round(elapsed, 4), keys=opened)  # fmt: skip
             return entry
 
+    @staticmethod
+    def _check_answered_by(answered_by: str | None, wanted: str) -> None:
+        if answered_by != wanted:
+            raise Refusal("kms_protocol", f"KMS answered for key {str(answered_by)[:120]!r}, not the one asked for",
+                          "error")  # fmt: skip
+
     def _open_cms(self, cms: bytes | None) -> bytes:
         if cms is None:
-            raise VaultError("kms_protocol", "KMS returned no CiphertextForRecipient")
+            raise Refusal("kms_protocol", "KMS returned no CiphertextForRecipient", "error")
         try:
-            dek = open_enveloped_data(cms, self._rsa)
+            dek = open_enveloped_data(cms, self._recipient_rsa)
         except CmsError as exc:
-            raise VaultError("kms_protocol", f"CiphertextForRecipient does not open: {exc}") from None
+            raise Refusal("kms_protocol", f"CiphertextForRecipient does not open: {exc}", "error") from None
         if len(dek) != 32:
-            raise VaultError("kms_protocol", "the data key is not 32 bytes")
+            raise Refusal("kms_protocol", "the data key is not 32 bytes", "error")
         return dek
 
     def recipient(self) -> dict[str, str]:
-        """A fresh attestation document over the (reused) RSA public key."""
-        doc = self.attestation.document(public_key=self._spki)
+        """A fresh attestation document over the (reused) KMS recipient RSA key."""
+        doc = self.attestation.document(public_key=self._recipient_spki)
         return {"AttestationDocument": base64.b64encode(doc).decode(), "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256"}
 
-    # -- key management -----------------------------------------------------------------------------
+    # -- key management (operator-approved operations only: see operations.py) ---------------------
 
     def _lock(self, keyring_id: str) -> asyncio.Lock:
         return self._keyring_locks.setdefault(keyring_id, asyncio.Lock())
 
-    async def _new_keyring(
-        self, keyring_id: str, kms_key_id: str, version: int
-    ) -> tuple[KeyringEnvelope, CachedDataKey]:
-        env = KeyringEnvelope(keyring_id, kms_key_id, version, b"", int(time.time() * 1000))
+    async def _new_data_key(self, keyring_id: str, version: int) -> tuple[KeyringEnvelope, bytes]:
+        """A new data key from KMS under the configured keyring KMS key; nothing is stored yet."""
+        arn = self.config.new_keyring_key
+        draft = KeyringEnvelope(keyring_id, arn, version, b"", int(time.time() * 1000))
         try:
             dk = await self.kms.generate_data_key(
-                kms_key_id,
-                env.kms_context(),
-                self.recipient(),
-                deadline=time.monotonic() + self.settings.unwrap_timeout_s,
+                arn, draft.kms_context(), self.recipient(), deadline=time.monotonic() + self.settings.unwrap_timeout_s
             )
         except KmsError as exc:
             raise _kms_failure(exc) from None
         finally:
             self.stats["kms_generate_data_key"] += 1
+        self._check_answered_by(dk.key_id, arn)
         dek = self._open_cms(dk.ciphertext_for_recipient)
-        env = KeyringEnvelope(keyring_id, kms_key_id, version, dk.ciphertext_blob, env.created_ms)
-        self.load([env], [])
-        return env, self.cache.put(keyring_id, version, dek)
+        return KeyringEnvelope(keyring_id, arn, version, dk.ciphertext_blob, draft.created_ms), dek
 
     async def _add_key(
-        self, keyring_id: str, scheme: str, kms_key_id: str, secret: bytearray, policy: dict[str, Any] | None
+        self, keyring_id: str, scheme: str, secret: bytearray, policy: dict[str, Any] | None
     ) -> dict[str, Any]:
         try:
             try:
                 parse_policy(policy)
             except PolicyError as exc:
-                raise VaultError("invalid_policy", str(exc)) from None
+                raise Refusal("invalid_policy", str(exc), "error") from None
             async with self._lock(keyring_id):
                 new_env = None
                 version = self.current.get(keyring_id)
                 if version is None:
-                    if not kms_key_id:
-                        raise VaultError("invalid_argument", "a new keyring needs a KMS key id (SIGNER_KMS_KEY_ID)")
-                    new_env, entry = await self._new_keyring(keyring_id, kms_key_id, 1)
+                    new_env, dek = await self._new_data_key(keyring_id, 1)
+                    entry = self.cache.put(keyring_id, 1, dek)
+                    self.load([new_env], [])
                 else:
                     entry = await self.data_key(keyring_id, version, time.monotonic() + self.settings.unwrap_timeout_s)
                 env = self.envelopes[(keyring_id, self.current[keyring_id])]
@@ -260,52 +302,88 @@ class Vault:
         finally:
             secret[:] = bytes(len(secret))
         self.sealed[key_id] = sealed
-        entry.wallets[key_id] = wallet
-        return {
-            "key": sealed.describe(),
-            "sealed": sealed.to_wire(),
-            "envelope": new_env.to_wire() if new_env else None,
-        }
+        entry.wallets[key_id] = OpenedKey(sealed, wallet, parse_policy(policy))
+        envelope = new_env.to_wire() if new_env else None
+        return {"key": sealed.describe(), "sealed": sealed.to_wire(), "envelope": envelope,
+                "attested": self.attested(sealed, env)}  # fmt: skip
 
-    async def create_key(
-        self, keyring_id: str, scheme: str, kms_key_id: str, policy: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
-        return await self._add_key(keyring_id, scheme, kms_key_id, bytearray(new_secret(scheme)), policy)
+    def attested(self, sealed: SealedKey, env: KeyringEnvelope) -> dict[str, Any]:
+        """What a receipt vouches for about a key."""
+        return {"key_id": sealed.key_id, "scheme": sealed.scheme, "public_key": sealed.public_key,
+                "address": sealed.address, "keyring": sealed.keyring_id, "dek_version": sealed.dek_version,
+                "kms_key_arn": env.kms_key_id, "policy_sha256": policy_digest(sealed.policy)}  # fmt: skip
 
-    def import_target(self) -> dict[str, Any]:
-        """An attestation document carrying the RSA key that key imports are encrypted to."""
-        return {"attestation_document": self.attestation.document(public_key=self._spki)}
+    async def create_key(self, keyring_id: str, scheme: str, policy: dict[str, Any] | None = None) -> dict[str, Any]:
+        return await self._add_key(keyring_id, scheme, bytearray(new_secret(scheme)), policy)
+
+    def identity_document(self, identity_public_key: bytes) -> bytes:
+        """An attestation document carrying the import RSA key (public_key) and this process's
+        identity key and configuration hash (user_data): what operators verify before acting."""
+        return self.attestation.document(
+            public_key=self.import_spki, user_data=identity_user_data(identity_public_key, self.config.digest)
+        )
 
     async def import_key(
-        self, keyring_id: str, scheme: str, kms_key_id: str, encrypted_key: bytes, policy: dict[str, Any] | None = None
+        self, keyring_id: str, scheme: str, encrypted_key: bytes, policy: dict[str, Any] | None = None
     ) -> dict[str, Any]:
+        label = import_label(keyring_id, scheme, policy)
+        oaep = OAEP(mgf=MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=label)
         try:
-            secret = bytearray(self._rsa.decrypt(encrypted_key, OAEP_SHA256))
+            secret = bytearray(self._import_rsa.decrypt(encrypted_key, oaep))
         except ValueError:
-            raise VaultError("invalid_argument", "the key is not RSA-OAEP-SHA256-encrypted to this enclave") from None
-        return await self._add_key(keyring_id, scheme, kms_key_id, secret, policy)
+            raise Refusal("import_undecryptable", "the key is not encrypted to this enclave's import key for this "
+                          "keyring, scheme and policy", "error") from None  # fmt: skip
+        if len(secret) != 32:
+            secret[:] = bytes(len(secret))
+            raise Refusal("invalid_argument", "an imported private key is 32 bytes", "error")
+        try:
+            wallet_from_secret("import", scheme, bytes(secret))
+        except ValueError:
+            secret[:] = bytes(len(secret))
+            raise Refusal("invalid_argument", f"not a valid {scheme} private key", "error") from None
+        return await self._add_key(keyring_id, scheme, secret, policy)
 
-    async def rotate_dek(self, keyring_id: str, kms_key_id: str) -> dict[str, Any]:
-        """A new data key version for the keyring; every key of the keyring is sealed again under it."""
+    async def rotate_dek(self, keyring_id: str) -> dict[str, Any]:
+        """A new data key version for the keyring, with every key of the keyring sealed again under
+        it. Atomic: the new version becomes current only once every key is resealed."""
         async with self._lock(keyring_id):
             version = self.current.get(keyring_id)
             if version is None:
-                raise VaultError("unknown_keyring", f"no keyring {keyring_id!r}")
+                raise Refusal("unknown_keyring", f"no keyring {keyring_id!r}", "error")
             old_entry = await self.data_key(keyring_id, version, time.monotonic() + self.settings.unwrap_timeout_s)
-            old_env = self.envelopes[(keyring_id, version)]
-            new_env, new_entry = await self._new_keyring(keyring_id, kms_key_id or old_env.kms_key_id, version + 1)
+            members = [k for k in self.sealed.values() if k.keyring_id == keyring_id and k.dek_version == version]
+            opened = [self._open(old_entry, k) for k in members]  # every record authenticated first
+            new_env, dek = await self._new_data_key(keyring_id, version + 1)
+            aead = AESGCM(dek)
             resealed = []
-            for sealed in [k for k in self.sealed.values() if k.keyring_id == keyring_id and k.dek_version == version]:
+            for key in opened:
+                sealed = key.record
                 secret = bytearray(unseal(old_entry.aead, sealed))
                 try:
-                    again = seal(new_entry.aead, sealed.key_id, new_env, sealed.scheme, sealed.public_key,
-                                 sealed.address, bytes(secret), sealed.created_ms, sealed.policy)  # fmt: skip
+                    resealed.append(seal(aead, sealed.key_id, new_env, sealed.scheme, sealed.public_key,
+                                         sealed.address, bytes(secret), sealed.created_ms, sealed.policy))  # fmt: skip
                 finally:
                     secret[:] = bytes(len(secret))
-                self.sealed[sealed.key_id] = again
-                resealed.append(again.to_wire())
+            entry = self.cache.put(keyring_id, version + 1, dek)  # commit: nothing below can fail
+            self.load([new_env], resealed)
+            for again, key in zip(resealed, opened, strict=True):
+                entry.wallets[again.key_id] = OpenedKey(again, key.wallet, key.policy)
             self.cache.drop(keyring_id, version)  # the old data key is no longer needed here
-            return {"envelope": new_env.to_wire(), "sealed": resealed}
+            return {"envelope": new_env.to_wire(), "sealed": [s.to_wire() for s in resealed],
+                    "attested": {"keyring": keyring_id, "dek_version": version + 1, "kms_key_arn": new_env.kms_key_id,
+                                 "keys": sorted(s.key_id for s in resealed)}}  # fmt: skip
+
+    async def authenticated_keys(self, deadline: float, limit: int) -> list[dict[str, Any]]:
+        """Every loaded key whose record opens (unwrapping keyrings as needed), as receipts vouch
+        for them; records that do not open are left out."""
+        out = []
+        for key_id in sorted(self.sealed)[:limit]:
+            try:
+                key = await self.open_key(key_id, deadline)
+            except Refusal:
+                continue
+            out.append(self.attested(key.record, self.envelopes[(key.record.keyring_id, key.record.dek_version)]))
+        return out
 
     async def close(self) -> None:
         for task in list(self._inflight.values()):
@@ -316,11 +394,15 @@ class Vault:
         await self.kms.close()
 
 
-def _kms_failure(exc: KmsError) -> VaultError:
+def _spki(key: rsa.RSAPrivateKey) -> bytes:
+    return key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+def _kms_failure(exc: KmsError) -> Refusal:
     if exc.code == "AccessDeniedException":
-        return VaultError("kms_access_denied", "KMS refused the data key to this enclave image", status="error")
+        return Refusal("kms_access_denied", "KMS refused the data key to this enclave image", "error")
     if exc.code == "ThrottlingException":
-        return VaultError("kms_throttled", "KMS kept throttling until the deadline")
+        return Refusal("kms_throttled", "KMS kept throttling until the deadline", "error")
     if exc.code == "TransportError":
-        return VaultError("kms_unavailable", exc.message)
-    return VaultError("kms_error", f"{exc.code}: {exc.message}"[:200])
+        return Refusal("kms_unavailable", exc.message, "error")
+    return Refusal("kms_error", f"{exc.code}: {exc.message}"[:200], "error")

@@ -9,13 +9,16 @@ from .errors import INVALID_VALUE, SchemaError
 from .sign_request import unpack_map
 from .validate import as_int, as_str, require
 
-KEY_SCHEMES = ("secp256k1", "ed25519")
 _KEYRING = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-OPS = ("keys.create", "keys.list", "keys.import_target", "keys.import", "keys.rotate_dek")
+OPS = ("enclave.identity", "keys.create", "keys.list", "keys.import", "keys.rotate_dek")
+SIGNED = ("keys.create", "keys.import", "keys.rotate_dek")
 
 
 def decode_admin_request(raw: bytes) -> dict[str, Any]:
-    """{v: 1, request_id, op, args: {...}, reply_topic?} -> validated map."""
+    """{v: 1, request_id, op, args: {...}, reply_topic?} -> validated map.
+
+    create, import and rotate carry an operator-signed `operation` (bytes) and its
+    `approvals`; the enclave checks them, the host only relays them."""
     m = unpack_map(raw, 64 * 1024)
     rid = as_str(require(m, "request_id"), "request_id")
     if as_int(require(m, "v", rid), "v", rid) != 1:
@@ -26,15 +29,19 @@ def decode_admin_request(raw: bytes) -> dict[str, Any]:
     args = m.get("args") or {}
     if type(args) is not dict:
         raise SchemaError(INVALID_VALUE, "'args' must be a map", rid)
-    if op in ("keys.create", "keys.import") and args.get("scheme") not in KEY_SCHEMES:
-        raise SchemaError(INVALID_VALUE, f"'args.scheme' must be one of {KEY_SCHEMES}", rid)
     keyring = args.get("keyring")
     if keyring is not None and (type(keyring) is not str or not _KEYRING.match(keyring)):
         raise SchemaError(INVALID_VALUE, "'args.keyring' must be 1-64 letters, digits, '-' or '_'", rid)
-    if args.get("policy") is not None and type(args.get("policy")) is not dict:
-        raise SchemaError(INVALID_VALUE, "'args.policy' must be a map (see the key policy documentation)", rid)
+    if op in SIGNED or op == "keys.list":
+        if type(args.get("enclave_id")) is not str:
+            raise SchemaError(INVALID_VALUE, "'args.enclave_id' (from enclave.identity) is required", rid)
+    if op in SIGNED:
+        if type(args.get("operation")) is not bytes or type(args.get("approvals")) is not list:
+            raise SchemaError(INVALID_VALUE, f"{op} needs an operator-signed 'operation' and its 'approvals'", rid)
     if op == "keys.import" and type(args.get("encrypted_key")) is not bytes:
         raise SchemaError(INVALID_VALUE, "'args.encrypted_key' must be bytes", rid)
+    if op == "keys.list" and type(args.get("nonce")) is not bytes:
+        raise SchemaError(INVALID_VALUE, "'args.nonce' must be bytes", rid)
     reply_topic = m.get("reply_topic")
     if reply_topic is not None:
         as_str(reply_topic, "reply_topic", rid, max_len=249)

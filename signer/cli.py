@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -25,27 +26,31 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("-n", type=int, default=200, help="number of sample requests")
     sub.add_parser("up", help="run a local cluster in the foreground until interrupted")
     sub.add_parser("host", help="run one host worker (KAFKA_BOOTSTRAP, SIGNER_ENCLAVES)")
-    dk = sub.add_parser("dev-kms-key", help="create the keyring KMS key in the dev KMS, bound to this enclave code")
+    dk = sub.add_parser("dev-enclave", help="dev KMS: write a dev enclave configuration, operator key and a keyring "
+                        "KMS key bound to the measurement of this code and that configuration")  # fmt: skip
     dk.add_argument("--kms-endpoint", default=os.environ.get("SIGNER_KMS_ENDPOINT", "http://127.0.0.1:8000"))
-    dk.add_argument("--out", default=None, help="also write the key id to this file")
-    keys = sub.add_parser("keys", help="key management through a running cluster")
+    dk.add_argument("--kms-data-dir", required=True, help="the dev KMS's data directory (its PKI is used)")
+    dk.add_argument("--out", required=True, help="directory for enclave-config.json and operator.pem")
+    keys = sub.add_parser("keys", help="key management through a running cluster, as an operator")
+    keys.add_argument("--operator-key", action="append", default=None,
+                      help="operator ed25519 key (PEM); repeat for a quorum (default: SIGNER_OPERATOR_KEY, "
+                           "comma-separated)")  # fmt: skip
+    keys.add_argument("--attestation-root", default=os.environ.get("SIGNER_ATTESTATION_ROOT", ""),
+                      help="DER root certificate enclaves are verified against (Nitro: the AWS Nitro root; "
+                           "dev: DATA_DIR/devkms/pki/root.der)")  # fmt: skip
+    keys.add_argument("--expect-pcr0", default=os.environ.get("SIGNER_EXPECT_PCR0", ""),
+                      help="the enclave image measurement (hex) to insist on (SIGNER_EXPECT_PCR0)")  # fmt: skip
     ksub = keys.add_subparsers(dest="keys_cmd", required=True)
     kc = ksub.add_parser("create", help="create a key inside an enclave")
     kc.add_argument("--scheme", choices=["secp256k1", "ed25519"], default="secp256k1")
     kc.add_argument("--keyring", default=None, help="keyring to add it to (default: SIGNER_DEFAULT_KEYRING)")
     kc.add_argument("--policy", default=None, help="JSON file: the key's signing policy, sealed with it")
-    ksub.add_parser("list", help="list the keys in the key store")
+    ksub.add_parser("list", help="list the keys an attested enclave can open, with their policy hashes")
     ki = ksub.add_parser("import", help="import a private key, encrypted to an attested enclave")
     ki.add_argument("--scheme", choices=["secp256k1", "ed25519"], default="secp256k1")
     ki.add_argument("--keyring", default=None)
     ki.add_argument("--policy", default=None, help="JSON file: the key's signing policy, sealed with it")
     ki.add_argument("--key-file", required=True, help="file holding the 32-byte private key as hex ('-' = stdin)")
-    ki.add_argument(
-        "--attestation-root",
-        default=os.environ.get("SIGNER_ATTESTATION_ROOT", ""),
-        help="DER root certificate to verify the enclave against (dev: DATA_DIR/devkms/pki/root.der)",
-    )
-    ki.add_argument("--expect-pcr0", default=None, help="refuse unless the enclave runs this image (hex)")
     kr = ksub.add_parser("rotate-dek", help="new data key version for a keyring; its keys are sealed again")
     kr.add_argument("--keyring", default=None)
     args = ap.parse_args(argv)
@@ -60,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             return _run(_up())
         if args.cmd == "host":
             return _run(_host())
-        if args.cmd == "dev-kms-key":
-            return _run(_dev_kms_key(args))
-        return _run(_keys(args))
+        if args.cmd == "dev-enclave":
+            return _run(_dev_enclave(args))
+        return _run(_keys(args, *_operator_inputs(args)))
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # one clear line for the operator, not a traceback
@@ -107,6 +112,10 @@ async def _up() -> int:
         print(f"KAFKA_BOOTSTRAP={cluster.bootstrap}", flush=True)
         print(f"data (dev KMS keys, wrapped keyrings): {data_dir}", flush=True)
         print(f"metrics: http://127.0.0.1:{cluster.http_port}/metrics  (Ctrl-C to stop)", flush=True)
+        assert cluster.dev is not None
+        print("key management as the dev operator (signer keys ...):", flush=True)
+        for name, value in cluster.dev.cli_env().items():
+            print(f"export {name}={value}", flush=True)
         waiter = asyncio.create_task(_until_signal())
         runner = asyncio.create_task(cluster.wait())
         done, _ = await asyncio.wait({waiter, runner}, return_when=asyncio.FIRST_COMPLETED)
@@ -121,14 +130,18 @@ async def _up() -> int:
     return 0
 
 
-async def _dev_kms_key(args: argparse.Namespace) -> int:
-    """A KMS key whose policy releases data keys only to this enclave code's measurement (dev KMS)."""
-    from devkms.local import create_keyring_key
+async def _dev_enclave(args: argparse.Namespace) -> int:
+    """A dev enclave configuration whose keyring KMS key releases data keys only to its measurement."""
+    from devkms.local import provision_dev_enclave
 
-    key_id = await create_keyring_key(args.kms_endpoint, description="signer keyrings (dev)")
-    if args.out:
-        await asyncio.to_thread(Path(args.out).write_text, key_id + "\n")
-    print(key_id)
+    out = Path(args.out)
+    existing = out / "kms_key_arn"
+    arn = existing.read_text().strip() if existing.exists() else None
+    dev = await provision_dev_enclave(args.kms_endpoint, Path(args.kms_data_dir), out, arn)
+    await asyncio.to_thread(existing.write_text, dev.kms_key_arn + "\n")
+    print(
+        json.dumps({"config": str(dev.config_path), "kms_key_arn": dev.kms_key_arn, "pcr0": dev.pcr0, **dev.cli_env()})
+    )
     return 0
 
 
@@ -156,9 +169,27 @@ async def _host() -> int:
     return 0
 
 
-async def _keys(args: argparse.Namespace) -> int:
+def _operator_inputs(args: argparse.Namespace) -> tuple[list[Any], x509.Certificate, bytes | None]:
+    """Operator keys, the attestation root and (for import) the private key: read before anything is sent."""
+    from .config import ConfigError
+    from .operator import OperatorKey
+
+    key_paths = args.operator_key or [p for p in os.environ.get("SIGNER_OPERATOR_KEY", "").split(",") if p]
+    if not key_paths:
+        raise ConfigError("no operator key: pass --operator-key FILE or set SIGNER_OPERATOR_KEY")
+    if not args.expect_pcr0:
+        raise ConfigError("the expected enclave image is required: pass --expect-pcr0 HEX or set SIGNER_EXPECT_PCR0")
+    if not args.attestation_root or not Path(args.attestation_root).is_file():
+        raise ConfigError("--attestation-root (SIGNER_ATTESTATION_ROOT) must name the DER root certificate to trust")
+    root = x509.load_der_x509_certificate(Path(args.attestation_root).read_bytes())
+    secret = _read_secret(args.key_file) if args.keys_cmd == "import" else None
+    return [OperatorKey.load(p) for p in key_paths], root, secret
+
+
+async def _keys(args: argparse.Namespace, operators: list[Any], root: x509.Certificate, secret: bytes | None) -> int:
     from .admin_client import admin_call
     from .config import ConfigError
+    from .operator import AdminSession
 
     cfg = HostConfig.from_env()
     if not cfg.bootstrap:
@@ -166,17 +197,23 @@ async def _keys(args: argparse.Namespace) -> int:
             "KAFKA_BOOTSTRAP is not set: start a cluster with `python -m signer up` and export "
             "the KAFKA_BOOTSTRAP=HOST:PORT line it prints"
         )
-    ring: dict[str, object] = {"keyring": args.keyring} if getattr(args, "keyring", None) else {}
-    if getattr(args, "policy", None):
-        ring["policy"] = _read_policy(args.policy)
+
+    async def call(op: str, op_args: dict[str, object]) -> dict[str, object]:
+        return await admin_call(cfg.bootstrap, op, op_args, cfg.layout)
+
+    session = AdminSession(call, operators, root, args.expect_pcr0)
+    keyring = getattr(args, "keyring", None) or cfg.default_keyring
+    policy = _read_policy(args.policy) if getattr(args, "policy", None) else None
+    result: object
     if args.keys_cmd == "create":
-        result = await admin_call(cfg.bootstrap, "keys.create", {"scheme": args.scheme, **ring}, cfg.layout)
+        result = await session.create_key(args.scheme, keyring, policy)
     elif args.keys_cmd == "import":
-        result = await _import(cfg, args, ring)
+        assert secret is not None
+        result = await session.import_key(args.scheme, keyring, secret, policy)
     elif args.keys_cmd == "rotate-dek":
-        result = await admin_call(cfg.bootstrap, "keys.rotate_dek", ring, cfg.layout)
+        result = await session.rotate_dek(keyring)
     else:
-        result = await admin_call(cfg.bootstrap, "keys.list", {}, cfg.layout)
+        result = {"keys": await session.list_keys()}
     print(json.dumps(result))
     return 0
 
@@ -193,34 +230,15 @@ def _read_policy(path: str) -> dict[str, object]:
     return policy
 
 
-def _import_inputs(args: argparse.Namespace) -> tuple[bytes, x509.Certificate]:
-    """The private key and the root to trust, read before anything is sent."""
+def _read_secret(key_file: str) -> bytes:
+    """The private key to import, read before anything is sent."""
     from .config import ConfigError
 
-    if not args.attestation_root or not Path(args.attestation_root).is_file():
-        raise ConfigError("--attestation-root (SIGNER_ATTESTATION_ROOT) must name the DER root certificate to trust")
-    text = sys.stdin.read() if args.key_file == "-" else Path(args.key_file).read_text()
+    text = sys.stdin.read() if key_file == "-" else Path(key_file).read_text()
     try:
         secret = bytes.fromhex(text.strip().removeprefix("0x"))
     except ValueError:
-        raise ConfigError(f"{args.key_file}: not a hex private key") from None
+        raise ConfigError(f"{key_file}: not a hex private key") from None
     if len(secret) != 32:
-        raise ConfigError(f"{args.key_file}: a private key is 32 bytes, this is {len(secret)}")
-    return secret, x509.load_der_x509_certificate(Path(args.attestation_root).read_bytes())
-
-
-async def _import(cfg: HostConfig, args: argparse.Namespace, ring: dict[str, object]) -> dict[str, object]:
-    from schemas.attestation import AttestationError
-
-    from .admin_client import admin_call
-    from .config import ConfigError
-    from .key_import import encrypt_for_enclave
-
-    secret, root = _import_inputs(args)
-    target = await admin_call(cfg.bootstrap, "keys.import_target", ring, cfg.layout)
-    try:
-        encrypted = encrypt_for_enclave(target["attestation_document"], secret, root, args.expect_pcr0)
-    except AttestationError as exc:
-        raise ConfigError(f"refusing to send the key: the enclave's attestation does not verify: {exc}") from None
-    op = {"scheme": args.scheme, "enclave_id": target["enclave_id"], "encrypted_key": encrypted, **ring}
-    return await admin_call(cfg.bootstrap, "keys.import", op, cfg.layout)
+        raise ConfigError(f"{key_file}: a private key is 32 bytes, this is {len(secret)}")
+    return secret

@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 from aiohttp import web
@@ -26,6 +27,11 @@ from broker.topics import ensure_topics
 from .config import HostConfig
 from .host import HostWorker
 from .http import serve_http
+
+if TYPE_CHECKING:
+    from devkms.local import DevEnclave
+
+    from .operator import AdminSession
 
 log = structlog.get_logger("cluster")
 
@@ -93,6 +99,7 @@ class LocalCluster:
         self.kafka: LocalKafka | None = None
         self.devkms: ChildProcess | None = None
         self.kms_endpoint = ""
+        self.dev: DevEnclave | None = None
         # signing is CPU-bound under the GIL: one enclave worker process per core by default
         self.enclave_processes = enclave_processes or int(
             os.environ.get("SIGNER_ENCLAVE_PROCESSES", str(os.cpu_count() or 1))
@@ -156,26 +163,35 @@ class LocalCluster:
         self._run = asyncio.create_task(self.host.run(), name="host-worker")
 
     async def _start_kms(self) -> tuple[str, dict[str, str]]:
-        """Start the dev KMS and make sure a keyring KMS key bound to this enclave code exists."""
-        from devkms.local import create_keyring_key, dev_enclave_env
-        from enclave_worker.attestation import measure_enclave_code
+        """Start the dev KMS; provision the dev enclave configuration, operator key and keyring KMS key."""
+        from devkms.local import provision_dev_enclave
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         kms_dir = self.data_dir / "devkms"
         self.devkms = ChildProcess("devkms", ["--data-dir", str(kms_dir)])
         await self.devkms.start()
         self.kms_endpoint = self.devkms.ready_line.split()[1]
-        pcr0 = measure_enclave_code().hex()
         state_path = self.data_dir / "cluster.json"
         state = json.loads(state_path.read_text()) if state_path.exists() else {}
-        if state.get("pcr0") != pcr0:
-            if state:
-                note = "keyrings sealed to the old image stay refused; new keys use a new KMS key"
-                log.warning("enclave_code_changed", old_pcr0=state.get("pcr0"), new_pcr0=pcr0, note=note)
-            key_id = await create_keyring_key(self.kms_endpoint, pcr0, "signer keyrings (dev)")
-            state = {"kms_key_id": key_id, "pcr0": pcr0}
-            state_path.write_text(json.dumps(state))
-        return str(state["kms_key_id"]), dev_enclave_env(self.kms_endpoint, kms_dir)
+        # one keyring KMS key for the data dir; its policy follows the enclave code's measurement
+        self.dev = await provision_dev_enclave(self.kms_endpoint, kms_dir, self.data_dir, state.get("kms_key_arn"))
+        if state.get("pcr0") not in (None, self.dev.pcr0):
+            log.warning("enclave_measurement_changed", old_pcr0=state["pcr0"], new_pcr0=self.dev.pcr0,
+                        note="the dev keyring KMS key now releases data keys to the new measurement only")  # fmt: skip
+        state_path.write_text(json.dumps({"kms_key_arn": self.dev.kms_key_arn, "pcr0": self.dev.pcr0}))
+        return self.dev.kms_key_arn, self.dev.env
+
+    def admin(self) -> AdminSession:
+        """An operator session (the dev operator key) over this cluster's Kafka admin topic."""
+        from .admin_client import admin_call
+
+        assert self.dev is not None and self.config is not None
+        bootstrap, layout = self.config.bootstrap, self.config.layout
+
+        async def call(op: str, args: dict[str, Any]) -> dict[str, Any]:
+            return await admin_call(bootstrap, op, args, layout)
+
+        return cast(AdminSession, self.dev.admin(call))
 
     async def wait(self) -> None:
         """Return when the host worker's loop ends (it re-raises the loop's failure)."""

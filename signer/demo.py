@@ -17,7 +17,6 @@ from typing import Any
 import msgpack
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from .admin_client import admin_call
 from .cluster import LocalCluster
 
 
@@ -90,9 +89,10 @@ async def run_demo(n: int = 200) -> int:
     async with LocalCluster(data_dir=Path(data) if data else None) as cluster:
         bootstrap = cluster.bootstrap
         print(f"cluster up: Kafka at {bootstrap}, metrics at http://127.0.0.1:{cluster.http_port}/metrics")
-        eth_key = await admin_call(bootstrap, "keys.create", {"scheme": "secp256k1"})
-        ed_key = await admin_call(bootstrap, "keys.create", {"scheme": "ed25519"})
-        print("keys created:", json.dumps(eth_key), json.dumps(ed_key), sep="\n  ")
+        admin = cluster.admin()  # the dev operator: signs the operations, verifies the enclave's receipts
+        eth_key = await admin.create_key("secp256k1", "default")
+        ed_key = await admin.create_key("ed25519", "default")
+        print("keys created (receipts verified):", json.dumps(eth_key), json.dumps(ed_key), sep="\n  ")
         reqs = sample_requests(eth_key, ed_key, n)
         by_id = {r["request_id"]: r for r in reqs}
         layout = cluster.config.layout  # type: ignore[union-attr]

@@ -41,6 +41,8 @@ class KeyManager:
         self.pool = pool
         self.credentials = credentials  # KMS credentials to hand to enclaves (None: they have their own)
         self.store = store
+        # the KMS key behind keyrings is pinned in the enclaves' measured configuration; the host's
+        # setting is not sent to them (kept for configuration compatibility)
         self.kms_key_id = kms_key_id
         self.default_keyring = default_keyring
         self._locks: dict[str, asyncio.Lock] = {}
@@ -82,29 +84,48 @@ class KeyManager:
         return found
 
     async def handle(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        """Run one admin operation; raise KeyOpError with a code on refusal."""
+        """Relay one admin operation to an enclave and store what it returns; raise KeyOpError.
+
+        The host cannot author these: create, import and rotate carry operator signatures the
+        enclave checks, and the enclave's replies carry receipts the operator's CLI checks. The
+        host routes (by enclave_id, which the operator got from `enclave.identity`), makes sure
+        the enclave has the keyring, and keeps the wrapped records."""
         try:
-            if op == "keys.list":
-                self.store.refresh()
-                return {"keys": [k.describe() for k in self.store.keys()]}
-            if op == "keys.create":
-                return await self._add(op, args, {"scheme": args.get("scheme"), "policy": args.get("policy")})
-            if op == "keys.import_target":
+            if op == "enclave.identity":
                 keyring = str(args.get("keyring") or self.default_keyring)
-                reply = await self.pool.key_op("keys.import_target", {}, route_key=keyring)
-                return self._result(reply)
-            if op == "keys.import":
                 enclave_id = args.get("enclave_id")
-                if not isinstance(enclave_id, str):
-                    raise KeyOpError("invalid_argument", "enclave_id (from keys.import_target) is required")
-                extra = {"scheme": args.get("scheme"), "encrypted_key": args.get("encrypted_key"),
-                         "policy": args.get("policy")}  # fmt: skip
-                return await self._add(op, args, extra, enclave_id=enclave_id)
+                reply = await self.pool.key_op(
+                    "enclave.identity",
+                    {},
+                    route_key=keyring,
+                    enclave_id=enclave_id if type(enclave_id) is str else None,
+                )
+                return self._result(reply)
+            if op == "keys.list":
+                reply = await self.pool.key_op("keys.list", {"nonce": args.get("nonce")}, enclave_id=self._target(args))
+                return self._result(reply)
+            if op in ("keys.create", "keys.import"):
+                return await self._add(op, args)
             if op == "keys.rotate_dek":
-                return await self._rotate(str(args.get("keyring") or self.default_keyring))
+                return await self._rotate(args)
         except ChannelClosed as exc:
             raise KeyOpError("enclave_unavailable", str(exc)) from None
         raise KeyOpError("unknown_op", f"unknown op {op!r}")
+
+    @staticmethod
+    def _target(args: dict[str, Any]) -> str:
+        enclave_id = args.get("enclave_id")
+        if type(enclave_id) is not str:
+            raise KeyOpError("invalid_argument", "enclave_id (from enclave.identity) is required")
+        return enclave_id
+
+    @staticmethod
+    def _signed(args: dict[str, Any]) -> dict[str, Any]:
+        """What the enclave needs of a signed operation (the host adds nothing to it)."""
+        out = {"operation": args.get("operation"), "approvals": args.get("approvals")}
+        if "encrypted_key" in args:
+            out["encrypted_key"] = args["encrypted_key"]
+        return out
 
     @staticmethod
     def _result(reply: dict[str, Any]) -> dict[str, Any]:
@@ -113,21 +134,16 @@ class KeyManager:
             raise KeyOpError(str(err.get("code", "error")), str(err.get("message", "")))
         return {**dict(reply["result"]), "enclave_id": reply.get("enclave_id")}
 
-    async def _add(
-        self, op: str, args: dict[str, Any], extra: dict[str, Any], enclave_id: str | None = None
-    ) -> dict[str, Any]:
-        keyring = str(args.get("keyring") or self.default_keyring)
+    async def _add(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        enclave_id = self._target(args)
+        keyring = str(args.get("keyring") or self.default_keyring)  # routing only: the signed copy rules
         async with self._locks.setdefault(keyring, asyncio.Lock()):
             self.store.refresh()  # another host may have created the keyring meanwhile
-            op_args = {**extra, "keyring": keyring, "kms_key_id": self.kms_key_id}
             env = self.store.get_envelope(keyring)
             if env is not None:  # make sure the chosen enclave has the current keyring
-                load = {"envelopes": [env.to_wire()], "keys": []}
-                if enclave_id is not None:
-                    await self.pool.key_op("keyrings.load", load, enclave_id=enclave_id)
-                else:
-                    await self.pool.key_op("keyrings.load", load, route_key=keyring)
-            reply = await self.pool.key_op(op, op_args, route_key=keyring, enclave_id=enclave_id)
+                await self.pool.key_op("keyrings.load", {"envelopes": [env.to_wire()], "keys": []},
+                                       enclave_id=enclave_id)  # fmt: skip
+            reply = await self.pool.key_op(op, self._signed(args), enclave_id=enclave_id)
             result = self._result(reply)
             new_env = KeyringEnvelope.from_wire(result["envelope"]) if result.get("envelope") else None
             sealed = SealedKey.from_wire(result["sealed"])
@@ -142,17 +158,21 @@ class KeyManager:
                 {"envelopes": [new_env.to_wire()] if new_env else [], "keys": [sealed.to_wire()]},
                 exclude_url=reply.get("url"),
             )
-            log.info("key_stored", key_id=sealed.key_id, keyring=keyring, op=op)
-            return {**result["key"], "enclave_id": result["enclave_id"]}
+            log.info("key_stored", key_id=sealed.key_id, keyring=sealed.keyring_id, op=op)
+            return {**result["key"], "receipt": result["receipt"], "enclave_id": result["enclave_id"]}
 
-    async def _rotate(self, keyring: str) -> dict[str, Any]:
+    async def _rotate(self, args: dict[str, Any]) -> dict[str, Any]:
+        enclave_id = self._target(args)
+        keyring = str(args.get("keyring") or self.default_keyring)
         async with self._locks.setdefault(keyring, asyncio.Lock()):
             self.store.refresh()
             env = self.store.get_envelope(keyring)
             if env is None:
                 raise KeyOpError("unknown_keyring", f"no keyring {keyring!r}")
-            reply = await self.pool.key_op("keys.rotate_dek", {"keyring": keyring, "kms_key_id": self.kms_key_id},
-                                           route_key=keyring)  # fmt: skip
+            members = [k.to_wire() for k in self.store.keys() if k.keyring_id == keyring]
+            await self.pool.key_op("keyrings.load", {"envelopes": [env.to_wire()], "keys": members},
+                                   enclave_id=enclave_id)  # fmt: skip
+            reply = await self.pool.key_op("keys.rotate_dek", self._signed(args), enclave_id=enclave_id)
             result = self._result(reply)
             new_env = KeyringEnvelope.from_wire(result["envelope"])
             resealed = [SealedKey.from_wire(m) for m in result["sealed"]]
@@ -162,10 +182,9 @@ class KeyManager:
                 self.store.put_envelope(new_env)
             except KeyringConflict as exc:
                 raise KeyOpError("keyring_conflict", f"{exc}; retry") from None
-            for sealed in resealed:
-                self.store.put_key(sealed)
             await self.pool.broadcast("keyrings.load", {"envelopes": [new_env.to_wire()],
                                                         "keys": [s.to_wire() for s in resealed]},
                                       exclude_url=reply.get("url"))  # fmt: skip
             log.info("dek_rotated", keyring=keyring, version=new_env.dek_version, keys=len(resealed))
-            return {"keyring": keyring, "dek_version": new_env.dek_version, "keys": len(resealed)}
+            return {"keyring": keyring, "dek_version": new_env.dek_version, "keys": len(resealed),
+                    "receipt": result["receipt"], "enclave_id": result["enclave_id"]}  # fmt: skip
