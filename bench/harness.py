@@ -37,12 +37,13 @@ from hdrh.histogram import HdrHistogram
 
 from broker.local_kafka import LocalKafka
 from broker.topics import TopicLayout, ensure_topics
-from devkms.local import create_keyring_key, dev_credentials, dev_enclave_env
+from devkms.local import DEV_REGION, DevEnclave, dev_credentials, provision_dev_enclave
 from enclave_worker.attestation import DevProvider
 from enclave_worker.keyring import KeyringEnvelope, SealedKey
 from enclave_worker.kms import KmsClient, KmsConfig
 from signer.admin_client import admin_call
 from signer.cluster import ChildProcess
+from signer.operator import AdminSession
 
 from .ceiling import raw_sign_rate
 from .reference import reference_rate
@@ -102,7 +103,7 @@ class Stack:
     kafka: LocalKafka
     kms: ChildProcess
     kms_url: str
-    kms_key: str
+    dev: DevEnclave  # the dev enclave configuration, operator key and keyring KMS key
     enclaves: list[tuple[ChildProcess, str]]
     keys: list[dict[str, Any]] = field(default_factory=list)
 
@@ -120,15 +121,15 @@ async def start_stack(work: Path, enclaves: int = 2) -> Stack:
     kms = ChildProcess("devkms", ["--data-dir", str(work / "devkms")], dev_credentials())
     await kms.start()
     url = kms.ready_line.split()[1]
-    kms_key = await create_keyring_key(url)
-    env = {**dev_enclave_env(url, work / "devkms"), "SIGNER_LOG_LEVEL": "WARNING"}
+    dev = await provision_dev_enclave(url, work / "devkms", work / "enclave")
+    env = {**dev.env, "SIGNER_LOG_LEVEL": "WARNING"}
     procs = []
     for i in range(enclaves):
         sock = f"unix://{work / f'enc{i}.sock'}"
         proc = ChildProcess("enclave_worker", ["--listen", sock, "--enclave-id", f"enc{i}"], env)
         await proc.start()
         procs.append((proc, sock))
-    return Stack(work, kafka, kms, url, kms_key, procs)
+    return Stack(work, kafka, kms, url, dev, procs)
 
 
 @dataclass
@@ -156,7 +157,6 @@ async def start_host(stack: Stack, enclaves: int, link: str = "", env: dict[str,
         "SIGNER_ENCLAVES": ",".join(u + link for _, u in stack.enclaves[:enclaves]),
         "SIGNER_HTTP_PORT": "0",
         "SIGNER_KEYSTORE_DIR": str(stack.work / "keystore"),
-        "SIGNER_KMS_KEY_ID": stack.kms_key,
         "SIGNER_GROUP_ID": f"bench-{tag}",
         "SIGNER_LOG_LEVEL": "WARNING",
         "SIGNER_TOPIC_REQUESTS": layout.requests,
@@ -171,6 +171,17 @@ async def start_host(stack: Stack, enclaves: int, link: str = "", env: dict[str,
     await proc.start(timeout=90)
     port = int(proc.ready_line.rsplit(":", 1)[1].split("/")[0])
     return Host(proc, port, layout)
+
+
+def admin(stack: Stack, host: Host) -> AdminSession:
+    """The dev operator over this host's admin topics: signs each operation, verifies each receipt."""
+    bootstrap, layout = stack.kafka.bootstrap, host.layout
+
+    async def call(op: str, args: dict[str, Any]) -> dict[str, Any]:
+        return await admin_call(bootstrap, op, args, layout)
+
+    session: AdminSession = stack.dev.admin(call)
+    return session
 
 
 async def metrics_text(port: int) -> str:
@@ -347,16 +358,10 @@ async def run_report(out: Path, profile: Profile) -> dict[str, Any]:
     stack = await start_stack(work, enclaves=2)
     try:
         host = await start_host(stack, enclaves=2)
+        operator = admin(stack, host)
         for i in range(8):
-            stack.keys.append(
-                await admin_call(
-                    stack.kafka.bootstrap,
-                    "keys.create",
-                    {"scheme": "secp256k1", "keyring": f"bench{i % 4}"},
-                    host.layout,
-                )
-            )
-        stack.keys.append(await admin_call(stack.kafka.bootstrap, "keys.create", {"scheme": "ed25519"}, host.layout))
+            stack.keys.append(await operator.create_key("secp256k1", f"bench{i % 4}"))
+        stack.keys.append(await operator.create_key("ed25519", "default"))
         progress("warm-up")
         await drive(stack, host, "warm-up", min(2000, profile.closed_total), outstanding=profile.outstanding)
         closed = await drive(stack, host, "closed loop (max)", profile.closed_total, outstanding=profile.outstanding)
@@ -398,12 +403,12 @@ async def _reference(stack: Stack, n: int) -> dict[str, Any]:
     env = KeyringEnvelope.from_wire(_m.unpackb(next(kr.glob("envelope.v*.msgpack")).read_bytes()))
     sealed = SealedKey.from_wire(_m.unpackb(next((kr / "keys").glob("*.msgpack")).read_bytes()))
     creds = dev_credentials()
-    kms = KmsClient(KmsConfig(stack.kms_url, access_key_id=creds["SIGNER_KMS_ACCESS_KEY_ID"],
+    kms = KmsClient(KmsConfig(stack.kms_url, region=DEV_REGION, access_key_id=creds["SIGNER_KMS_ACCESS_KEY_ID"],
                               secret_access_key=creds["SIGNER_KMS_SECRET_ACCESS_KEY"]))  # fmt: skip
+    # attests as the enclave does (same code, same configuration: the PCR0 the key policy names)
+    provider = DevProvider(stack.work / "devkms" / "pki", stack.dev.config_path.read_bytes())
     try:
-        return await reference_rate(
-            stack.enclaves[0][1], kms, DevProvider(stack.work / "devkms" / "pki"), env, sealed, n
-        )
+        return await reference_rate(stack.enclaves[0][1], kms, provider, env, sealed, n)
     finally:
         await kms.close()
 

@@ -42,8 +42,8 @@ async def reference_rate(
             "AttestationDocument": base64.b64encode(doc).decode(),
             "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256",
         }
-        _, cms = await kms.decrypt(env.encrypted_dek, env.kms_context(), recipient, key_id=env.kms_key_id)
-        assert cms is not None
+        _, cms, answered_by = await kms.decrypt(env.encrypted_dek, env.kms_context(), recipient, key_id=env.kms_key_id)
+        assert cms is not None and answered_by == env.kms_key_id  # the enclave checks which key answered, too
         dek = open_enveloped_data(cms, key)
         wallet = wallet_from_secret(sealed.key_id, sealed.scheme, unseal(AESGCM(dek), sealed))
         wallet.private.sign_recoverable(os.urandom(32), hasher=None)

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import msgpack
 
-from devkms.local import create_keyring_key, dev_credentials, dev_enclave_env
+from devkms.local import dev_credentials, provision_dev_enclave
 from signer.cluster import ChildProcess
 from signer.keys import KeyManager
 from signer.keystore import DirectoryKeyStore
@@ -42,8 +42,8 @@ async def run_vault_bench(keyrings: int = 5, keys_per_ring: int = 10, signatures
     kms = ChildProcess("devkms", ["--data-dir", str(work / "devkms")], dev_credentials())
     await kms.start()
     url = kms.ready_line.split()[1]
-    kms_key = await create_keyring_key(url)
-    env = dev_enclave_env(url, work / "devkms")
+    dev = await provision_dev_enclave(url, work / "devkms", work / "enclave")
+    env = {**dev.env, "SIGNER_LOG_LEVEL": "WARNING"}
     store = DirectoryKeyStore(work / "keystore")
 
     async def enclave_and_pool(name: str) -> tuple[ChildProcess, EnclavePool, KeyManager]:
@@ -56,14 +56,15 @@ async def run_vault_bench(keyrings: int = 5, keys_per_ring: int = 10, signatures
             await holder["keys"].load_into(conn)
 
         pool = EnclavePool([sock], PoolSettings(connections_per_enclave=1), prepare=prepare)
-        holder["keys"] = KeyManager(pool, store, kms_key)
+        holder["keys"] = KeyManager(pool, store, dev.kms_key_arn)
         await pool.start(ready_timeout=20)
         return proc, pool, holder["keys"]
 
     try:
         proc, pool, keys = await enclave_and_pool("create")
+        operator = dev.admin(keys.handle)  # the dev operator signs each creation and verifies its receipt
         key_ids = [
-            (await keys.handle("keys.create", {"scheme": "secp256k1", "keyring": f"ring{r}"}))["key_id"]
+            (await operator.create_key("secp256k1", f"ring{r}"))["key_id"]
             for r in range(keyrings)
             for _ in range(keys_per_ring)
         ]
