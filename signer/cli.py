@@ -32,26 +32,33 @@ def main(argv: list[str] | None = None) -> int:
     dk.add_argument("--kms-data-dir", required=True, help="the dev KMS's data directory (its PKI is used)")
     dk.add_argument("--out", required=True, help="directory for enclave-config.json and operator.pem")
     keys = sub.add_parser("keys", help="key management through a running cluster, as an operator")
-    keys.add_argument("--operator-key", action="append", default=None,
+    operator = argparse.ArgumentParser(add_help=False)
+    operator.add_argument("--operator-key", action="append", default=None,
                       help="operator ed25519 key (PEM); repeat for a quorum (default: SIGNER_OPERATOR_KEY, "
                            "comma-separated)")  # fmt: skip
-    keys.add_argument("--attestation-root", default=os.environ.get("SIGNER_ATTESTATION_ROOT", ""),
+    operator.add_argument("--attestation-root", default=os.environ.get("SIGNER_ATTESTATION_ROOT", ""),
                       help="DER root certificate enclaves are verified against (Nitro: the AWS Nitro root; "
                            "dev: DATA_DIR/devkms/pki/root.der)")  # fmt: skip
-    keys.add_argument("--expect-pcr0", default=os.environ.get("SIGNER_EXPECT_PCR0", ""),
+    operator.add_argument("--expect-pcr0", default=os.environ.get("SIGNER_EXPECT_PCR0", ""),
                       help="the enclave image measurement (hex) to insist on (SIGNER_EXPECT_PCR0)")  # fmt: skip
     ksub = keys.add_subparsers(dest="keys_cmd", required=True)
-    kc = ksub.add_parser("create", help="create a key inside an enclave")
+    kc = ksub.add_parser(parents=[operator], name="create", help="create a key inside an enclave")
     kc.add_argument("--scheme", choices=["secp256k1", "ed25519"], default="secp256k1")
     kc.add_argument("--keyring", default=None, help="keyring to add it to (default: SIGNER_DEFAULT_KEYRING)")
     kc.add_argument("--policy", default=None, help="JSON file: the key's signing policy, sealed with it")
-    ksub.add_parser("list", help="list the keys an attested enclave can open, with their policy hashes")
-    ki = ksub.add_parser("import", help="import a private key, encrypted to an attested enclave")
+    ksub.add_parser(
+        parents=[operator], name="list", help="list the keys an attested enclave can open, with their policy hashes"
+    )
+    ki = ksub.add_parser(
+        parents=[operator], name="import", help="import a private key, encrypted to an attested enclave"
+    )
     ki.add_argument("--scheme", choices=["secp256k1", "ed25519"], default="secp256k1")
     ki.add_argument("--keyring", default=None)
     ki.add_argument("--policy", default=None, help="JSON file: the key's signing policy, sealed with it")
     ki.add_argument("--key-file", required=True, help="file holding the 32-byte private key as hex ('-' = stdin)")
-    kr = ksub.add_parser("rotate-dek", help="new data key version for a keyring; its keys are sealed again")
+    kr = ksub.add_parser(
+        parents=[operator], name="rotate-dek", help="new data key version for a keyring; its keys are sealed again"
+    )
     kr.add_argument("--keyring", default=None)
     args = ap.parse_args(argv)
 
@@ -174,6 +181,11 @@ def _operator_inputs(args: argparse.Namespace) -> tuple[list[Any], x509.Certific
     from .config import ConfigError
     from .operator import OperatorKey
 
+    if not os.environ.get("KAFKA_BOOTSTRAP"):
+        raise ConfigError(
+            "KAFKA_BOOTSTRAP is not set: start a cluster with `python -m signer up` and export "
+            "the KAFKA_BOOTSTRAP=HOST:PORT line it prints"
+        )
     key_paths = args.operator_key or [p for p in os.environ.get("SIGNER_OPERATOR_KEY", "").split(",") if p]
     if not key_paths:
         raise ConfigError("no operator key: pass --operator-key FILE or set SIGNER_OPERATOR_KEY")

@@ -191,7 +191,7 @@ class LocalCluster:
         async def call(op: str, args: dict[str, Any]) -> dict[str, Any]:
             return await admin_call(bootstrap, op, args, layout)
 
-        return cast(AdminSession, self.dev.admin(call))
+        return cast("AdminSession", self.dev.admin(call))
 
     async def wait(self) -> None:
         """Return when the host worker's loop ends (it re-raises the loop's failure)."""

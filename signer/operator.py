@@ -234,7 +234,7 @@ class AdminSession:
         for field, value in wanted.items():
             if attested.get(field) != value:
                 raise ReceiptError(f"the receipt's {field} is not what was asked for")
-        return attested
+        return {**attested, "policy": policy} if policy is not None else attested  # its hash was just checked
 
 
 def _describe(attested: dict[str, Any], enclave: AttestedEnclave) -> dict[str, Any]:

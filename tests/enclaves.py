@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from devkms.local import DEV_ACCESS_KEY_ID, DEV_SECRET_ACCESS_KEY, create_keyring_key, dev_enclave_env
+from devkms.local import DEV_ACCESS_KEY_ID, DEV_SECRET_ACCESS_KEY, DevEnclave, provision_dev_enclave
 from schemas import frames
 from tests.procs import Proc
 
@@ -114,12 +114,25 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what:
 
 
 DEV_CREDS = {"SIGNER_KMS_ACCESS_KEY_ID": DEV_ACCESS_KEY_ID, "SIGNER_KMS_SECRET_ACCESS_KEY": DEV_SECRET_ACCESS_KEY}
-# the shared helpers, under the names the tests use
-keyring_kms_key = create_keyring_key
-enclave_env = dev_enclave_env
+
+
+async def dev_enclave(kms_url: str, tmp: Path, kms_key_arn: str | None = None) -> DevEnclave:
+    """The dev enclave configuration, operator key and keyring KMS key for a test's dev KMS
+    (started with start_devkms(tmp / "devkms", ...))."""
+    return await provision_dev_enclave(kms_url, tmp / "devkms", tmp / "enclave", kms_key_arn)
 
 
 def start_devkms(data_dir: Path, log_dir: Path, env: dict[str, str] | None = None) -> tuple[Proc, str]:
     proc = Proc(["devkms", "--data-dir", str(data_dir)], env=env, log=log_dir / "devkms.log")
     line = proc.wait_for_line("READY")
     return proc, line.split()[1]
+
+
+def kafka_operator(dev: DevEnclave, bootstrap: str, layout: Any) -> Any:
+    """The dev operator (signer.operator.AdminSession) reaching the cluster through Kafka, as the CLI does."""
+    from signer.admin_client import admin_call
+
+    async def call(op: str, args: dict[str, Any]) -> dict[str, Any]:
+        return await admin_call(bootstrap, op, args, layout)
+
+    return dev.admin(call)

@@ -15,8 +15,9 @@ from signer.channel import ChannelSettings
 from signer.keys import KeyManager
 from signer.keystore import DirectoryKeyStore
 from signer.metrics import EnclaveStatsCollector, HostMetrics
+from signer.operator import AdminSession
 from signer.pool import EnclavePool, PoolSettings
-from tests.enclaves import enclave_env, keyring_kms_key, start_devkms, start_enclave, wait_until
+from tests.enclaves import dev_enclave, start_devkms, start_enclave, wait_until
 from tests.procs import Proc
 
 
@@ -37,12 +38,14 @@ class Rig:
         self.metrics = HostMetrics()
         self.pool: EnclavePool | None = None
         self.keys: KeyManager | None = None
+        self.admin: AdminSession | None = None  # the dev operator, over the key manager in-process
 
     async def start(self, kms_key_id: str | None = None, url_wrap: Any = None) -> Rig:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.kms_proc, self.kms_url = start_devkms(self.tmp / "devkms", self.tmp)
-        self.kms_key_id = kms_key_id or await keyring_kms_key(self.kms_url)
-        env = enclave_env(self.kms_url, self.tmp / "devkms")
+        self.dev = await dev_enclave(self.kms_url, self.tmp, kms_key_id)
+        self.kms_key_id = self.dev.kms_key_arn
+        env = self.dev.env
         if self.host_credentials is not None:
             env = {
                 k: v for k, v in env.items() if k not in ("SIGNER_KMS_ACCESS_KEY_ID", "SIGNER_KMS_SECRET_ACCESS_KEY")
@@ -56,6 +59,7 @@ class Rig:
         self.pool = EnclavePool(self.urls, settings, self.metrics, prepare=self._prepare)
         creds = self.host_credentials
         self.keys = KeyManager(self.pool, store, self.kms_key_id, credentials=(lambda: creds) if creds else None)
+        self.admin = self.dev.admin(self.keys.handle)
         EnclaveStatsCollector(self._stats, self.metrics.registry)
         await self.pool.start(ready_timeout=20)
         await wait_until(lambda: len(self.pool.live()) == 2 * self.n, what="all connections")  # type: ignore[union-attr]
@@ -81,11 +85,8 @@ class Rig:
     async def create(
         self, scheme: str = "secp256k1", keyring: str = "default", policy: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        assert self.keys is not None
-        args: dict[str, Any] = {"scheme": scheme, "keyring": keyring}
-        if policy is not None:
-            args["policy"] = policy
-        return await self.keys.handle("keys.create", args)
+        assert self.admin is not None
+        return await self.admin.create_key(scheme, keyring, policy)
 
     async def sign(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         assert self.pool is not None and self.keys is not None

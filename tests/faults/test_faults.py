@@ -27,9 +27,9 @@ from eth_account import Account
 
 from broker.local_kafka import LocalKafka, free_port
 from broker.topics import TopicLayout, ensure_topics
-from signer.admin_client import admin_call
+from devkms.local import DevEnclave
 from tests.conftest import ROOT, layout_env
-from tests.enclaves import DEV_CREDS, enclave_env, keyring_kms_key, start_enclave
+from tests.enclaves import DEV_CREDS, dev_enclave, kafka_operator, start_enclave
 from tests.procs import Proc
 
 SUMMARY: list[dict[str, Any]] = []
@@ -48,7 +48,7 @@ class Cluster:
     enclave_urls: dict[str, str] = field(default_factory=dict)
     hosts: dict[str, Proc] = field(default_factory=dict)
     killed: set[str] = field(default_factory=set)
-    kms_key: str = ""
+    dev: DevEnclave | None = None
     keys: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -61,14 +61,14 @@ class Cluster:
         self.kms.wait_for_line("READY")
 
     def start_enclave(self, name: str) -> None:
-        proc, url = start_enclave(self.sock_dir, name, self.tmp, env=enclave_env(self.kms_url, self.tmp / "devkms"))
+        proc, url = start_enclave(self.sock_dir, name, self.tmp, env=self.dev.env if self.dev else None)
         self.enclaves[name] = proc
         self.enclave_urls.setdefault(name, url)
 
     def start_host(self, name: str, enclave_urls: list[str] | None = None, **extra: str) -> None:
         env = {"KAFKA_BOOTSTRAP": self.kafka.bootstrap, "SIGNER_HTTP_PORT": "0",
                "SIGNER_ENCLAVES": ",".join(enclave_urls or self.enclave_urls.values()),
-               "SIGNER_KEYSTORE_DIR": str(self.tmp / "keystore"), "SIGNER_KMS_KEY_ID": self.kms_key,
+               "SIGNER_KEYSTORE_DIR": str(self.tmp / "keystore"),
                "SIGNER_SESSION_TIMEOUT_MS": "6000", "SIGNER_DEAD_AFTER_MS": "2000", "SIGNER_HEARTBEAT_INTERVAL_MS": "300",
                "SIGNER_LOG_LEVEL": "INFO", "SIGNER_MAX_IN_FLIGHT": "2000", **layout_env(self.layout), **extra}  # fmt: skip
         host = Proc(["signer", "host"], env=env, log=self.tmp / f"{name}.log")
@@ -95,17 +95,14 @@ async def make_cluster(tmp: Path, sock_dir: Path) -> Cluster:
     await asyncio.to_thread(c.kafka.start)
     await ensure_topics(c.kafka.bootstrap, c.layout)
     c.start_kms()
-    c.kms_key = await keyring_kms_key(c.kms_url)
+    c.dev = await dev_enclave(c.kms_url, tmp)
     for name in ("e0", "e1"):
         c.start_enclave(name)
     for name in ("h0", "h1"):
         c.start_host(name)
+    operator = kafka_operator(c.dev, c.kafka.bootstrap, c.layout)
     for i in range(6):
-        c.keys.append(
-            await admin_call(
-                c.kafka.bootstrap, "keys.create", {"scheme": "secp256k1", "keyring": f"r{i % 3}"}, c.layout
-            )
-        )
+        c.keys.append(await operator.create_key("secp256k1", f"r{i % 3}"))
     return c
 
 

@@ -42,28 +42,32 @@ def test_up_serves_outside_producers_and_keys_create_reaches_it(tmp_path: Path) 
         bootstrap = line.split("=", 1)[1].strip()
         host, port = bootstrap.rsplit(":", 1)
         assert api_versions_ok(host, int(port))
-        out = run_cli("keys", "create", "--scheme", "secp256k1", env={"KAFKA_BOOTSTRAP": bootstrap})
+        # `up` prints the dev operator's settings for `signer keys ...` as export lines
+        env = {"KAFKA_BOOTSTRAP": bootstrap}
+        for name in ("SIGNER_OPERATOR_KEY", "SIGNER_ATTESTATION_ROOT", "SIGNER_EXPECT_PCR0"):
+            env[name] = up.wait_for_line(f"export {name}=", timeout=10).split("=", 1)[1].strip()
+        out = run_cli("keys", "create", "--scheme", "secp256k1", env=env)
         assert out.returncode == 0, out.stderr
         key = json.loads(out.stdout)
         assert key["address"].startswith("0x") and len(bytes.fromhex(key["public_key"])) == 65
-        listed = json.loads(run_cli("keys", "list", env={"KAFKA_BOOTSTRAP": bootstrap}).stdout)
+        assert key["verified"] is True and key["pcr0"] == env["SIGNER_EXPECT_PCR0"]
+        listed = json.loads(run_cli("keys", "list", env=env).stdout)
         assert [k["key_id"] for k in listed["keys"]] == [key["key_id"]]
         # import a known key, encrypted to the attested enclave by the CLI; then rotate the keyring's DEK
         secret = "0x4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318"
         (tmp_path / "key.hex").write_text(secret + "\n")
-        root = tmp_path / "data" / "devkms" / "pki" / "root.der"
-        env = {"KAFKA_BOOTSTRAP": bootstrap}
-        out = run_cli("keys", "import", "--key-file", str(tmp_path / "key.hex"), "--keyring", "imported",
-                      "--attestation-root", str(root), env=env)  # fmt: skip
+        out = run_cli("keys", "import", "--key-file", str(tmp_path / "key.hex"), "--keyring", "imported", env=env)
         assert out.returncode == 0, out.stderr
-        assert json.loads(out.stdout)["address"] == Account.from_key(secret).address
+        imported = json.loads(out.stdout)
+        assert imported["address"] == Account.from_key(secret).address
         assert secret[2:] not in out.stdout + out.stderr
-        wrong = run_cli("keys", "import", "--key-file", str(tmp_path / "key.hex"), "--attestation-root", str(root),
-                        "--expect-pcr0", "00" * 48, env=env)  # fmt: skip
-        assert wrong.returncode == 2 and "attestation does not verify" in wrong.stderr
+        wrong = run_cli("keys", "import", "--key-file", str(tmp_path / "key.hex"), "--expect-pcr0", "ab" * 48,
+                        env=env)  # fmt: skip
+        assert wrong.returncode == 2 and "not the expected" in wrong.stderr, wrong.stderr
         rotated = run_cli("keys", "rotate-dek", "--keyring", "imported", env=env)
         assert rotated.returncode == 0, rotated.stderr
-        assert json.loads(rotated.stdout) == {"keyring": "imported", "dek_version": 2, "keys": 1}
+        summary = json.loads(rotated.stdout)
+        assert (summary["keyring"], summary["dek_version"], summary["keys"]) == ("imported", 2, [imported["key_id"]])
     finally:
         code = up.stop(signal.SIGINT, timeout=60)
     assert code == 0

@@ -21,6 +21,8 @@ from enclave_worker.kms import KmsClient, KmsConfig, KmsError
 from tests.enclaves import DEV_CREDS, start_devkms
 from tests.procs import Proc
 
+CONFIG = b'{"v": 1}'  # the enclave configuration's bytes are part of the dev measurement
+
 
 @pytest.fixture
 def devkms(tmp_path: Path) -> Iterator[tuple[str, Path]]:
@@ -58,7 +60,7 @@ def _recipient(doc: bytes) -> dict[str, str]:
 async def test_plain_encrypt_decrypt_round_trip(kms: KmsClient) -> None:
     key = await kms.create_key(description="plain")
     blob = await kms.encrypt(key, b"hello", {"purpose": "test"})
-    assert await kms.decrypt(blob, {"purpose": "test"}) == (b"hello", None)
+    assert await kms.decrypt(blob, {"purpose": "test"}) == (b"hello", None, key)
     with pytest.raises(KmsError) as info:
         await kms.decrypt(blob, {"purpose": "other"})
     assert info.value.code == "InvalidCiphertextException"
@@ -67,14 +69,14 @@ async def test_plain_encrypt_decrypt_round_trip(kms: KmsClient) -> None:
 async def test_attested_enclave_gets_the_data_key_only_as_cms_to_its_key(
     kms: KmsClient, devkms: tuple[str, Path]
 ) -> None:
-    provider = DevProvider(devkms[1] / "pki")
-    key = await kms.create_key(attested_keyring_policy(measure_enclave_code().hex()))
+    provider = DevProvider(devkms[1] / "pki", CONFIG)
+    key = await kms.create_key(attested_keyring_policy(measure_enclave_code(CONFIG).hex()))
     recipient = _recipient(provider.document(SPKI))
     dk = await kms.generate_data_key(key, {"signer:keyring": "kr1"}, recipient)
     assert dk.plaintext is None and dk.ciphertext_for_recipient is not None
     dek = open_enveloped_data(dk.ciphertext_for_recipient, RSA_KEY)
     assert len(dek) == 32
-    plain, cms = await kms.decrypt(dk.ciphertext_blob, {"signer:keyring": "kr1"}, recipient)
+    plain, cms, _ = await kms.decrypt(dk.ciphertext_blob, {"signer:keyring": "kr1"}, recipient)
     assert plain is None and cms is not None and open_enveloped_data(cms, RSA_KEY) == dek
     # without an attestation there is no plaintext at all
     with pytest.raises(KmsError) as info:
@@ -83,8 +85,8 @@ async def test_attested_enclave_gets_the_data_key_only_as_cms_to_its_key(
 
 
 async def test_a_different_image_is_refused(kms: KmsClient, devkms: tuple[str, Path]) -> None:
-    provider = DevProvider(devkms[1] / "pki")
-    key = await kms.create_key(attested_keyring_policy(measure_enclave_code().hex()))
+    provider = DevProvider(devkms[1] / "pki", CONFIG)
+    key = await kms.create_key(attested_keyring_policy(measure_enclave_code(CONFIG).hex()))
     provider.pcrs[0] = bytes(48)  # a debug-mode enclave reports zeros; any other image differs too
     with pytest.raises(KmsError) as info:
         await kms.generate_data_key(key, {}, _recipient(provider.document(SPKI)))
@@ -93,7 +95,7 @@ async def test_a_different_image_is_refused(kms: KmsClient, devkms: tuple[str, P
 
 async def test_forged_or_stale_documents_are_invalid(kms: KmsClient, devkms: tuple[str, Path]) -> None:
     key = await kms.create_key()
-    provider = DevProvider(devkms[1] / "pki")
+    provider = DevProvider(devkms[1] / "pki", CONFIG)
     good = provider.document(SPKI)
     provider._key = ec.generate_private_key(ec.SECP384R1())  # a key the dev CA never certified
     forged = provider.document(SPKI)
@@ -123,7 +125,7 @@ async def test_throttling_is_retried_until_it_clears(kms: KmsClient, devkms: tup
     async with aiohttp.ClientSession() as s:
         await s.post(f"{devkms[0]}/_dev/throttle", json={"next": 3})
     blob = await kms.encrypt(key, b"x")
-    assert kms.throttles == 3 and await kms.decrypt(blob) == (b"x", None)
+    assert kms.throttles == 3 and (await kms.decrypt(blob))[:2] == (b"x", None)
     async with aiohttp.ClientSession() as s:
         await s.post(f"{devkms[0]}/_dev/throttle", json={"next": 1000})
     with pytest.raises(KmsError) as info:
@@ -144,7 +146,7 @@ async def test_key_material_survives_a_restart(tmp_path: Path) -> None:
     proc, url = start_devkms(data, tmp_path)
     client = _client(url)
     try:
-        assert await client.decrypt(blob) == (b"persist me", None)
+        assert (await client.decrypt(blob))[:2] == (b"persist me", None)
     finally:
         await client.close()
         proc.stop()
@@ -176,7 +178,7 @@ async def test_the_client_speaks_the_real_protocol_to_moto(moto_server: str) -> 
     try:
         key = await client.create_key(description="moto")
         blob = await client.encrypt(key, b"independent", {"a": "b"})
-        assert await client.decrypt(blob, {"a": "b"}) == (b"independent", None)
+        assert (await client.decrypt(blob, {"a": "b"}))[:2] == (b"independent", None)
         dk = await client.generate_data_key(key, {"k": "v"})
         assert dk.plaintext is not None and len(dk.plaintext) == 32
         assert (await client.decrypt(dk.ciphertext_blob, {"k": "v"}))[0] == dk.plaintext

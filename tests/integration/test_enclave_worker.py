@@ -9,6 +9,7 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import msgpack
 import pytest
@@ -16,26 +17,28 @@ from eth_account import Account
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devkms.local import DevEnclave
 from schemas import frames
+from signer.keys import KeyManager
+from signer.keystore import DirectoryKeyStore
+from signer.operator import AdminSession
 from signer.pool import EnclavePool, PoolSettings
-from tests.enclaves import enclave_env, keyring_kms_key, start_devkms, start_enclave
+from tests.enclaves import dev_enclave, start_devkms, start_enclave
 
 
 @pytest.fixture
-def kms_stack(tmp_path: Path) -> Iterator[tuple[str, str, dict[str, str]]]:
-    """A dev KMS with a keyring key for this code: (kms url, kms key id, enclave env)."""
-    data = tmp_path / "devkms"
-    proc, url = start_devkms(data, tmp_path)
+def kms_stack(tmp_path: Path) -> Iterator[DevEnclave]:
+    """A dev KMS with a dev enclave configuration and a keyring key bound to it."""
+    proc, url = start_devkms(tmp_path / "devkms", tmp_path)
     try:
-        key_id = asyncio.run(keyring_kms_key(url))
-        yield url, key_id, enclave_env(url, data)
+        yield asyncio.run(dev_enclave(url, tmp_path))
     finally:
         proc.stop()
 
 
 @pytest.fixture
-def enclave(sock_dir: Path, tmp_path: Path, kms_stack: tuple[str, str, dict[str, str]]) -> Iterator[str]:
-    proc, url = start_enclave(sock_dir, "enc-t", tmp_path, credits=64, env=kms_stack[2])
+def enclave(sock_dir: Path, tmp_path: Path, kms_stack: DevEnclave) -> Iterator[str]:
+    proc, url = start_enclave(sock_dir, "enc-t", tmp_path, credits=64, env=kms_stack.env)
     try:
         yield url
     finally:
@@ -46,14 +49,18 @@ def _req(rid: str, key_id: str, scheme: str, payload: object, **kw: object) -> b
     return msgpack.packb({"v": 1, "request_id": rid, "key_id": key_id, "scheme": scheme, "payload": payload, **kw})
 
 
-async def test_hello_then_batched_signatures(enclave: str, kms_stack: tuple[str, str, dict[str, str]]) -> None:
+def _operator(pool: EnclavePool, dev: DevEnclave, tmp: Path) -> AdminSession:
+    """The dev operator, reaching the enclave through the host's key manager."""
+    return cast(AdminSession, dev.admin(KeyManager(pool, DirectoryKeyStore(tmp / "keystore"), "").handle))
+
+
+async def test_hello_then_batched_signatures(enclave: str, kms_stack: DevEnclave, tmp_path: Path) -> None:
     pool = EnclavePool([enclave], PoolSettings(connections_per_enclave=1))
     await pool.start(ready_timeout=10)
     try:
         conn = pool.connections[0]
         assert conn.enclave_id == "enc-t" and conn.credits == 64
-        create = {"scheme": "secp256k1", "keyring": "kr", "kms_key_id": kms_stack[1]}
-        key = (await pool.key_op("keys.create", create))["result"]["key"]
+        key = await _operator(pool, kms_stack, tmp_path).create_key("secp256k1", "kr")
         digests = [os.urandom(32) for _ in range(200)]
         batch = pool.submit_many(
             [(key["key_id"], _req(f"r{i}", key["key_id"], "secp256k1_digest", d)) for i, d in enumerate(digests)]
@@ -71,12 +78,11 @@ async def test_hello_then_batched_signatures(enclave: str, kms_stack: tuple[str,
         await pool.close()
 
 
-async def test_refusals_are_results_with_codes(enclave: str, kms_stack: tuple[str, str, dict[str, str]]) -> None:
+async def test_refusals_are_results_with_codes(enclave: str, kms_stack: DevEnclave, tmp_path: Path) -> None:
     pool = EnclavePool([enclave], PoolSettings(connections_per_enclave=1))
     await pool.start(ready_timeout=10)
     try:
-        create = {"scheme": "ed25519", "keyring": "kr", "kms_key_id": kms_stack[1]}
-        ed = (await pool.key_op("keys.create", create))["result"]["key"]
+        ed = await _operator(pool, kms_stack, tmp_path).create_key("ed25519", "kr")
         k = ed["key_id"]
         raws = [
             _req("unknown", "k_nope", "secp256k1_digest", b"\1" * 32),
@@ -94,8 +100,8 @@ async def test_refusals_are_results_with_codes(enclave: str, kms_stack: tuple[st
             ("error", "wrong_type"),
             ("error", "malformed"),
         ]
-        bad = await pool.key_op("keys.create", {**create, "scheme": "rsa"})
-        assert bad["ok"] is False and bad["error"]["code"] == "invalid_argument"
+        bad = await pool.key_op("keys.create", {"scheme": "rsa", "keyring": "kr"})  # not operator-signed
+        assert bad["ok"] is False and bad["error"]["code"] == "operation_unsigned"
     finally:
         await pool.close()
 
@@ -165,7 +171,7 @@ def test_bad_frame_closes_only_that_connection(enclave: str, garbage: bytes) -> 
 _valid = [
     frames.encode_frame({"t": frames.PING, "id": 1}),
     frames.encode_frame({"t": frames.SIGN, "items": [[1, _req("f", "k", "secp256k1_digest", b"\0" * 32)]]}),
-    frames.encode_frame({"t": frames.KEY_OP, "id": 2, "op": "keys.list", "args": {}}),
+    frames.encode_frame({"t": frames.KEY_OP, "id": 2, "op": "keys.list", "args": {"nonce": b"n" * 16}}),
 ]
 
 

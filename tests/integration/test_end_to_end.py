@@ -29,7 +29,7 @@ from eth_account.messages import encode_defunct
 from broker.topics import TopicLayout, ensure_topics
 from schemas.dlq import DlqRecord
 from tests.conftest import ROOT, committed_and_end_offsets, layout_env
-from tests.enclaves import enclave_env, keyring_kms_key, start_devkms
+from tests.enclaves import dev_enclave, start_devkms
 from tests.procs import Proc
 
 
@@ -56,11 +56,12 @@ def cluster(bootstrap: str, layout: TopicLayout, sock_dir: Path, tmp_path: Path)
     asyncio.run(ensure_topics(bootstrap, layout))
     kms, kms_url = start_devkms(tmp_path / "devkms", tmp_path)
     url = f"unix://{sock_dir / 'enclave.sock'}"
+    dev = asyncio.run(dev_enclave(kms_url, tmp_path))
     env = {"KAFKA_BOOTSTRAP": bootstrap, "SIGNER_ENCLAVES": url, "SIGNER_HTTP_PORT": "0",
            "SIGNER_MAX_BATCH": "64", "SIGNER_KEYSTORE_DIR": str(tmp_path / "keystore"),
-           "SIGNER_KMS_KEY_ID": asyncio.run(keyring_kms_key(kms_url)), **layout_env(layout)}  # fmt: skip
+           **dev.cli_env(), **layout_env(layout)}  # fmt: skip
     with kms, Proc(["enclave_worker", "--listen", url, "--enclave-id", "enclave-e2e"],
-                   env=enclave_env(kms_url, tmp_path / "devkms"), log=tmp_path / "enclave.log") as enc:  # fmt: skip
+                   env=dev.env, log=tmp_path / "enclave.log") as enc:  # fmt: skip
         enc.wait_for_line("READY")
         host = Proc(["signer", "host"], env=env, log=tmp_path / "host.log")
         try:

@@ -23,10 +23,9 @@ from aiokafka import AIOKafkaProducer
 
 from broker.local_kafka import free_port
 from broker.topics import TopicLayout, ensure_topics
-from signer.admin_client import admin_call
 from signer.pool import _score
 from tests.conftest import ROOT, layout_env
-from tests.enclaves import enclave_env, keyring_kms_key, start_devkms, start_enclave
+from tests.enclaves import dev_enclave, kafka_operator, start_devkms, start_enclave
 from tests.procs import Proc
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "signer.json"
@@ -107,13 +106,14 @@ async def test_dashboard_and_alerts_return_data_and_the_slow_link_is_named(
     await ensure_topics(bootstrap, layout)
     kms, kms_url = start_devkms(tmp_path / "devkms", tmp_path)
     procs.append(kms)
-    env = enclave_env(kms_url, tmp_path / "devkms")
+    dev = await dev_enclave(kms_url, tmp_path)
+    env = dev.env
     fast, fast_url = start_enclave(sock_dir, "fast", tmp_path, env=env)
     slow, slow_url = start_enclave(sock_dir, "slow", tmp_path, env=env)
     procs += [fast, slow]
     slow_url += "?latency_ms=30"  # the emulated vsock link to this enclave is slow
     host_env = {"KAFKA_BOOTSTRAP": bootstrap, "SIGNER_ENCLAVES": f"{fast_url},{slow_url}", "SIGNER_HTTP_PORT": "0",
-                "SIGNER_KEYSTORE_DIR": str(tmp_path / "keystore"), "SIGNER_KMS_KEY_ID": await keyring_kms_key(kms_url),
+                "SIGNER_KEYSTORE_DIR": str(tmp_path / "keystore"),
                 **layout_env(layout)}  # fmt: skip
     host = Proc(["signer", "host"], env=host_env, log=tmp_path / "host.log")
     procs.append(host)
@@ -128,8 +128,8 @@ async def test_dashboard_and_alerts_return_data_and_the_slow_link_is_named(
             for r in rings
             if r not in slow_rings and max((fast_url, slow_url), key=lambda u: _score(r, u)) == fast_url
         ][:3]
-        keys = [await admin_call(bootstrap, "keys.create", {"scheme": "secp256k1", "keyring": r}, layout)
-                for r in slow_rings + fast_rings]  # fmt: skip
+        operator = kafka_operator(dev, bootstrap, layout)
+        keys = [await operator.create_key("secp256k1", r) for r in slow_rings + fast_rings]
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
         await producer.start()
         try:
