@@ -14,13 +14,11 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import msgpack
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas.logs import configure_logging
-from signer.admin_client import admin_call
 from signer.cluster import LocalCluster
 
 from .ceiling import raw_sign_rate
@@ -29,13 +27,8 @@ from .ceiling import raw_sign_rate
 async def end_to_end(n: int) -> dict[str, float]:
     async with LocalCluster(http_port=0) as cluster:
         bootstrap, layout = cluster.bootstrap, cluster.config.layout  # type: ignore[union-attr]
-        assert cluster.dev is not None
-
-        async def call(op: str, args: dict[str, Any]) -> dict[str, Any]:
-            return await admin_call(bootstrap, op, args, layout)
-
-        operator = cluster.dev.admin(call)  # the dev operator: signs the operation, verifies the enclave's receipt
-        key = await operator.create_key("secp256k1", "default")
+        # the dev operator signs the operation and verifies the enclave's receipt
+        key = await cluster.admin().create_key("secp256k1", "default")
         payloads = [
             msgpack.packb(
                 {

@@ -1,4 +1,5 @@
-"""DLQ record: an input that could not be decoded or validated, kept with its original bytes."""
+"""DLQ record: an input that could not be decoded or validated, or that was refused as a poison
+request (sign_result.POISON_REQUEST: it kept killing enclave connections), kept with its original bytes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ VERSION = 1
 
 @dataclass(frozen=True, slots=True)
 class DlqRecord:
-    reason: str  # a SchemaError code
+    reason: str  # a SchemaError code, or "poison_request"
     message: str
     topic: str
     partition: int

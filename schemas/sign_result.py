@@ -20,6 +20,7 @@ UNSUPPORTED_SCHEME = "unsupported_scheme"
 DEADLINE_PASSED = "deadline_passed"
 SENDER_MISMATCH = "sender_mismatch"
 INTERNAL = "internal"
+POISON_REQUEST = "poison_request"  # the host refused it: it was in flight on too many lost enclave connections
 
 
 @dataclass(slots=True)

@@ -9,8 +9,13 @@ it knows which transport it talks to.
 - Results come back in batches and are matched to their requests by correlation id.
 - Heartbeats: a ping every interval; no frame at all from the enclave for
   ``dead_after_s`` means hung or dead, and the connection is dropped.
-- On loss, every request queued or in flight is handed back (``on_lost``) so
-  the pool can re-dispatch it: callers see exactly one result per request.
+- On loss, every request queued or in flight is handed back (``on_lost``, the
+  ones the enclave had been sent apart from the ones it never saw) so the pool
+  can re-dispatch them or, when they keep killing connections, refuse them:
+  callers see exactly one result per request.
+- Isolation: the pool can hold a connection (nothing queued is sent) and send a
+  single request on it alone (``send_alone``), in a frame of its own; it is told
+  when a held connection has nothing left in flight (``on_idle``).
 """
 
 from __future__ import annotations
@@ -40,9 +45,10 @@ class ChannelClosed(ConnectionError):
 
 
 class _Lost(Exception):
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, cause: str = "error") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.cause = cause  # "closed" (the enclave closed it), "hung" (no frame in time) or "error"
 
 
 class Batch:
@@ -93,7 +99,7 @@ class Pending:
     batch: Batch
     index: int
     sent_at: float = 0.0
-    attempts: int = 0
+    attempts: int = 0  # connections lost while this request was in flight on them
     enqueued_at: float = 0.0
 
     @property
@@ -124,9 +130,10 @@ class EnclaveConnection:
         self,
         url: str,
         settings: ChannelSettings,
-        on_lost: Callable[[EnclaveConnection, list[Pending]], None],
+        on_lost: Callable[[EnclaveConnection, list[Pending], list[Pending]], None],
         metrics: HostMetrics | None = None,
         name: str = "",
+        on_idle: Callable[[EnclaveConnection], None] | None = None,
     ) -> None:
         self.url = url
         self.address = parse_channel_url(url)
@@ -138,7 +145,10 @@ class EnclaveConnection:
         self.stats = _Stats()
         self.queue: deque[Pending] = deque()
         self.inflight: dict[int, Pending] = {}
+        self.held = False  # the pool isolates this connection: nothing from the queue is sent
+        self._alone: deque[Pending] = deque()  # requests to send each in a frame of its own, even when held
         self._on_lost = on_lost
+        self._on_idle = on_idle
         self._key_ops: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self._work = asyncio.Event()
@@ -148,6 +158,7 @@ class EnclaveConnection:
         self._last_rx = 0.0
         self.connected = False
         self.closed_reason = "not connected"
+        self.lost_cause = ""  # how the last loss happened: "closed", "hung" or "error"
         self.closing = False
         self.enclave_stats: dict[str, Any] = {}  # counters the enclave reports with each pong
         self._labels = {"channel": self.name}
@@ -190,7 +201,7 @@ class EnclaveConnection:
         shaping = self.address.shaping
         inbound: DelayLine[dict[str, Any]] | None = DelayLine(shaping, self._handle) if shaping.active else None
         outbound: DelayLine[bytes] | None = DelayLine(shaping, self._write) if shaping.active else None
-        reason = "closed"
+        reason, cause = "closed", "closed"
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._send_loop(outbound))
@@ -201,20 +212,22 @@ class EnclaveConnection:
                     tg.create_task(inbound.run())
                     tg.create_task(outbound.run())
         except* _Lost as group:
-            reason = str(group.exceptions[0])
+            lost = group.exceptions[0]
+            reason, cause = str(lost), lost.cause if isinstance(lost, _Lost) else "error"
         except* (ConnectionError, OSError) as group:
-            reason = f"transport error: {group.exceptions[0]!r}"
+            reason, cause = f"transport error: {group.exceptions[0]!r}", "error"
         except* frames.FrameError as group:
-            reason = f"bad frame from enclave: {group.exceptions[0]}"
+            reason, cause = f"bad frame from enclave: {group.exceptions[0]}", "error"
         finally:
-            self._drop(reason)
+            self._drop(reason, cause)
         return reason
 
-    def _drop(self, reason: str) -> None:
+    def _drop(self, reason: str, cause: str = "error") -> None:
         if not self.connected and self.closed_reason:
             return
         self.connected = False
         self.closed_reason = reason
+        self.lost_cause = cause
         self.credits = 0
         self._m_credits.set(0)
         if self._writer is not None:
@@ -223,14 +236,16 @@ class EnclaveConnection:
             if not fut.done():
                 fut.set_exception(ChannelClosed(f"{self.url}: {reason}"))
         self._key_ops.clear()
-        unanswered = list(self.inflight.values()) + list(self.queue)
+        sent = list(self.inflight.values())  # the enclave had these: they may have caused the loss
+        unsent = list(self._alone) + list(self.queue)  # never reached the enclave
         self.inflight.clear()
+        self._alone.clear()
         self.queue.clear()
         if self.closing:
-            log.info("channel_closed", channel=self.name, unanswered=len(unanswered))
+            log.info("channel_closed", channel=self.name, unanswered=len(sent) + len(unsent))
         else:
-            log.warning("channel_lost", channel=self.name, reason=reason, unanswered=len(unanswered))
-        self._on_lost(self, unanswered)
+            log.warning("channel_lost", channel=self.name, reason=reason, in_flight=len(sent), queued=len(unsent))
+        self._on_lost(self, sent, unsent)
 
     async def close(self) -> None:
         self.closing = True
@@ -249,7 +264,36 @@ class EnclaveConnection:
     def enqueue(self, pending: Pending) -> None:
         pending.enqueued_at = time.perf_counter()
         self.queue.append(pending)
-        if self.credits > 0:
+        if self.credits > 0 and not self.held:
+            self._work.set()
+
+    def send_alone(self, pending: Pending) -> None:
+        """Send this request in a frame of its own, even while the connection is held."""
+        pending.enqueued_at = time.perf_counter()
+        self._alone.append(pending)
+        self._kick()
+
+    @property
+    def sending_alone(self) -> bool:
+        """A request given to send_alone has not been sent yet."""
+        return bool(self._alone)
+
+    def hold(self, held: bool) -> None:
+        """Held: requests queued here wait (send_alone still sends); released: they go out."""
+        self.held = held
+        self._kick()
+
+    def take_queue(self) -> list[Pending]:
+        """Remove and return the requests queued and not yet sent."""
+        out = list(self.queue)
+        self.queue.clear()
+        return out
+
+    def _sendable(self) -> bool:
+        return self.credits > 0 and (bool(self._alone) or (bool(self.queue) and not self.held))
+
+    def _kick(self) -> None:
+        if self._sendable():
             self._work.set()
 
     async def key_op(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -267,18 +311,26 @@ class EnclaveConnection:
         s = self.settings
         while True:
             await self._work.wait()
-            if s.batch_window_s > 0 and len(self.queue) < min(s.max_batch, self.credits):
+            if not self._sendable():
+                self._work.clear()
+                continue
+            if not self._alone and s.batch_window_s > 0 and len(self.queue) < min(s.max_batch, self.credits):
                 await asyncio.sleep(s.batch_window_s)  # coalesce: let more requests join this frame
-            n_max = min(s.max_batch, self.credits, len(self.queue))
+                if not self._sendable():  # held (or drained) meanwhile
+                    continue
             items: list[list[Any]] = []
             waits: list[float] = []
             size = 0
             now = time.perf_counter()
+            if self._alone:  # an isolated request: a frame of its own
+                source, n_max = self._alone, 1
+            else:
+                source, n_max = self.queue, min(s.max_batch, self.credits, len(self.queue))
             while len(items) < n_max:
-                p = self.queue[0]
+                p = source[0]
                 if items and size + len(p.raw) > s.max_batch_bytes:
                     break
-                self.queue.popleft()
+                source.popleft()
                 corr_id = next(self._ids)
                 p.sent_at = now
                 waits.append(now - p.enqueued_at)
@@ -286,7 +338,7 @@ class EnclaveConnection:
                 items.append([corr_id, p.raw])
                 size += len(p.raw)
             self.credits -= len(items)
-            if not (self.queue and self.credits > 0):
+            if not self._sendable():
                 self._work.clear()
             if not items:
                 continue
@@ -315,7 +367,7 @@ class EnclaveConnection:
             try:
                 body = await frames.read_frame(reader, self.settings.max_frame_bytes)
             except asyncio.IncompleteReadError:
-                raise _Lost("enclave closed the connection") from None
+                raise _Lost("enclave closed the connection", "closed") from None
             self._last_rx = loop.time()
             if inbound is not None:
                 inbound.push(body, 0)  # the bandwidth cap is applied on the way out
@@ -368,8 +420,9 @@ class EnclaveConnection:
         self._m_frames_in.inc()
         self.credits += credits
         self._m_credits.set(self.credits)
-        if self.queue and self.credits > 0:
-            self._work.set()
+        self._kick()
+        if self.held and not self.inflight and self._on_idle is not None:
+            self._on_idle(self)
 
     async def _ping_loop(self) -> None:
         while True:
@@ -383,4 +436,4 @@ class EnclaveConnection:
             await asyncio.sleep(min(s.heartbeat_interval_s, s.dead_after_s) / 2)
             silent = loop.time() - self._last_rx
             if silent > s.dead_after_s:
-                raise _Lost(f"no frame from the enclave for {silent:.1f}s (hung or dead)")
+                raise _Lost(f"no frame from the enclave for {silent:.1f}s (hung or dead)", "hung")

@@ -109,6 +109,7 @@ class HostConfig:
                 connections_per_enclave=_int("SIGNER_CONNECTIONS_PER_ENCLAVE", 2, 1),
                 max_queued=_int("SIGNER_MAX_QUEUED", 20_000, 1),
                 spill_after=_int("SIGNER_SPILL_AFTER", 1024, 1),
+                poison_attempts=_int("SIGNER_POISON_ATTEMPTS", 3, 2),
                 channel=ChannelSettings(
                     max_batch=_int("SIGNER_FRAME_MAX_REQUESTS", 512, 1),
                     max_batch_bytes=_int("SIGNER_FRAME_MAX_BYTES", 1024 * 1024, 1024),

@@ -1,10 +1,11 @@
 """The host worker: Kafka in, enclave pool, results out, offsets committed only after results are durable.
 
 At-least-once (default), pipelined: the fetch loop keeps fetching while earlier
-batches are signed; each record's output (result, DLQ record, admin reply) is
-published with the idempotent acks=all producer, and the OffsetTracker lets a
-partition's commit position move only past a contiguous run of records whose
-outputs are acknowledged. A crash re-delivers what was not committed; signing
+batches are signed; each record's outputs (a result, a DLQ record or an admin
+reply; a poison request gets both its result and a DLQ record) are published
+with the idempotent acks=all producer, and the OffsetTracker lets a partition's
+commit position move only past a contiguous run of records whose outputs are
+all acknowledged. A crash re-delivers what was not committed; signing
 is deterministic, so a redone result carries the same bytes.
 
 Exactly-once (SIGNER_EXACTLY_ONCE=true): each fetched batch is one Kafka
@@ -38,7 +39,7 @@ from schemas.admin import decode_admin_request
 from schemas.dlq import DlqRecord
 from schemas.errors import SchemaError
 from schemas.sign_request import SignRequest, decode_sign_request
-from schemas.sign_result import DEADLINE_PASSED, UNKNOWN_KEY, SignResult
+from schemas.sign_result import DEADLINE_PASSED, POISON_REQUEST, UNKNOWN_KEY, SignResult
 
 from .channel import EnclaveConnection
 from .config import HostConfig
@@ -51,7 +52,7 @@ from .pool import EnclavePool
 log = structlog.get_logger("host")
 
 Records = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
-# one output per input record: (topic, key, value, source partition, source offset)
+# an output for an input record (one each, two for a poison request): (topic, key, value, source partition, offset)
 Output = tuple[str, bytes | None, bytes, TopicPartition, int]
 
 
@@ -239,19 +240,31 @@ class HostWorker:
         assert self.producer is not None
         outputs = await self._outputs(batch, fetched_at)
         t0 = time.perf_counter()
+        unwritten: dict[tuple[TopicPartition, int], int] = {}  # a record is done when all its outputs are
+        for _topic, _key, _value, tp, offset in outputs:
+            unwritten[(tp, offset)] = unwritten.get((tp, offset), 0) + 1
         acks = []
         for topic, key, value, tp, offset in outputs:
             ack = await self.producer.send(topic, value, key=key)
-            ack.add_done_callback(lambda f, tp=tp, offset=offset: self._output_written(f, tp, offset))
+            ack.add_done_callback(lambda f, tp=tp, offset=offset: self._output_written(f, tp, offset, unwritten))
             acks.append(ack)
         await asyncio.gather(*acks)  # a failed write fails this task, and with it the host: nothing is committed
         self.metrics.stage.observe("result_publish", time.perf_counter() - t0)
 
-    def _output_written(self, fut: asyncio.Future[Any], tp: TopicPartition, offset: int) -> None:
+    def _output_written(
+        self,
+        fut: asyncio.Future[Any],
+        tp: TopicPartition,
+        offset: int,
+        unwritten: dict[tuple[TopicPartition, int], int],
+    ) -> None:
         if not fut.cancelled() and fut.exception() is None:
-            self.tracker.done(tp, offset)
-            if self.tracker.in_flight == 0:
-                self._drained.set()
+            left = unwritten[(tp, offset)] - 1
+            unwritten[(tp, offset)] = left
+            if left == 0:
+                self.tracker.done(tp, offset)
+                if self.tracker.in_flight == 0:
+                    self._drained.set()
         self.metrics.in_flight.set(self.tracker.in_flight)
 
     async def _commit_loop(self) -> None:
@@ -329,7 +342,8 @@ class HostWorker:
     # -- from records to outputs ------------------------------------------------------------------------
 
     async def _outputs(self, batch: Records, fetched_at: float | None = None) -> list[Output]:
-        """Every record of the batch becomes exactly one output: a result, a DLQ record or an admin reply."""
+        """Every record of the batch becomes one output - a result, a DLQ record or an admin reply - or, when
+        it was refused as a poison request, two: its result and a DLQ record with its original bytes."""
         cfg = self.config
         now_ms = int(time.time() * 1000)
         outputs: list[Output] = []
@@ -368,6 +382,8 @@ class HostWorker:
             for (req, rec), res in zip(live, results, strict=True):
                 res.setdefault("timings_us", {})["kafka_wait"] = max(0, now_ms - rec.timestamp) * 1000
                 outputs.append(self._result(req, rec, res))
+                if (res.get("error") or {}).get("code") == POISON_REQUEST:
+                    outputs.append(self._poison_dlq(req, rec, res))
         return outputs
 
     async def _retry_keys_from_elsewhere(
@@ -403,6 +419,16 @@ class HostWorker:
                  request_id=exc.request_id)  # fmt: skip
         record = DlqRecord(exc.code, exc.message, rec.topic, rec.partition, rec.offset, rec.value,
                            rec.key, exc.request_id)  # fmt: skip
+        return self.config.layout.dlq, rec.key, record.encode(), TopicPartition(rec.topic, rec.partition), rec.offset
+
+    def _poison_dlq(self, req: SignRequest, rec: ConsumerRecord[bytes, bytes], result: dict[str, Any]) -> Output:
+        """A request refused as poison is also kept in the DLQ, with its original bytes, for inspection."""
+        self.metrics.dlq.labels(POISON_REQUEST).inc()
+        log.warning("dlq", reason=POISON_REQUEST, topic=rec.topic, partition=rec.partition, offset=rec.offset,
+                    request_id=req.request_id)  # fmt: skip
+        message = str((result.get("error") or {}).get("message", ""))
+        record = DlqRecord(POISON_REQUEST, message, rec.topic, rec.partition, rec.offset, rec.value, rec.key,
+                           req.request_id)  # fmt: skip
         return self.config.layout.dlq, rec.key, record.encode(), TopicPartition(rec.topic, rec.partition), rec.offset
 
     async def _admin(self, rec: ConsumerRecord[bytes, bytes]) -> Output:

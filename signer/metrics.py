@@ -112,6 +112,12 @@ class HostMetrics:
         self.redispatched = Counter(
             "signer_redispatched_requests", "Requests re-dispatched after their connection was lost", registry=r
         )
+        self.poison_requests = Counter(
+            "signer_poison_requests",
+            "Requests refused as poison (in flight on SIGNER_POISON_ATTEMPTS lost enclave connections), by how the "
+            "last connection was lost: closed, hung, error",
+            ["reason"], registry=r,
+        )  # fmt: skip
         self.spilled = Counter(
             "signer_spilled_requests", "Requests sent to a less loaded enclave than their keyring's", registry=r
         )

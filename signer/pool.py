@@ -7,6 +7,28 @@ Every enclave can serve every key (it loads the wrapped keyrings when a
 connection comes up), so a lost enclave's work simply moves. Connections are supervised: reconnect with
 jittered exponential backoff; requests on a lost connection are re-dispatched
 to a live one. Each request is answered exactly once to its caller.
+
+Poison requests (one request that crashes or hangs the enclave must not be
+re-dispatched forever, nor take innocent requests down with it):
+
+- A connection is lost (closed, hung past the heartbeat deadline, a protocol
+  error). Each request the enclave had been sent on it and not answered counts
+  one attempt; requests only queued there (never sent) count nothing and are
+  re-dispatched as usual.
+- A request with an attempt is a *suspect*: it is never again sent with other
+  traffic, but alone - one suspect at a time per enclave, in a frame of its own,
+  with nothing else in flight on any of that enclave's connections (a crash or a
+  hang takes all of them down), on an enclave whose connections are all up (a
+  loss still unfolding on a sibling connection must not be counted twice).
+  So after the first loss, which may have been anyone's doing, a loss counts
+  only against the one request that was in flight.
+- At ``poison_attempts`` attempts the request is answered with status
+  ``error``, code ``poison_request``, and never sent again. An ordinary request
+  that shared a connection with a poison one therefore counts one attempt, is
+  re-sent alone once and is answered; the poison request reaches the limit after
+  exactly ``poison_attempts`` lost connections.
+- At most half of the live enclaves (at least one) isolate suspects at a time;
+  the others keep serving ordinary traffic, which avoids the isolating ones.
 """
 
 from __future__ import annotations
@@ -20,9 +42,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import structlog
 
 from schemas import frames
+from schemas.sign_result import POISON_REQUEST, SignResult
 from schemas.transport import parse_channel_url
 
 from .channel import Batch, ChannelClosed, ChannelSettings, EnclaveConnection, Pending
@@ -38,6 +62,7 @@ class PoolSettings:
     backoff_max_s: float = 2.0
     max_queued: int = 20_000  # requests accepted but not yet sent; above this, callers wait
     spill_after: int = 1024  # the affine enclave has this many queued beyond its credits: use the least loaded
+    poison_attempts: int = 3  # a request in flight on this many lost connections is refused (poison_request)
     channel: ChannelSettings = field(default_factory=ChannelSettings)
 
 
@@ -52,13 +77,20 @@ class EnclavePool:
         if not urls:
             raise ValueError("no enclave channel configured (SIGNER_ENCLAVES)")
         self.settings = settings or PoolSettings()
+        if self.settings.poison_attempts < 2:
+            raise ValueError("poison_attempts must be at least 2 (SIGNER_POISON_ATTEMPTS)")
         self.metrics = metrics or HostMetrics()
         self.groups: dict[str, list[EnclaveConnection]] = {}
         for url in urls:
             self.groups[url] = [
                 # metric label: the address without link-shaping parameters, and the connection index
                 EnclaveConnection(
-                    url, self.settings.channel, self._on_lost, self.metrics, name=f"{parse_channel_url(url)}#{i}"
+                    url,
+                    self.settings.channel,
+                    self._on_lost,
+                    self.metrics,
+                    name=f"{parse_channel_url(url)}#{i}",
+                    on_idle=self._on_idle,
                 )
                 for i in range(self.settings.connections_per_enclave)
             ]
@@ -66,6 +98,11 @@ class EnclavePool:
         self._live_urls: list[str] = []
         self._affinity: dict[str, str] = {}  # key_id -> rendezvous choice among _live_urls
         self.backlog: deque[Pending] = deque()  # accepted while no connection was live
+        self.suspects: deque[Pending] = deque()  # in flight on a lost connection: to be re-sent alone
+        # enclave URL -> (connection, suspect) it is sending alone, or None while its earlier work drains
+        self._isolating: dict[str, tuple[EnclaveConnection, Pending] | None] = {}
+        self._pumping = False
+        self._pump_again = False
         self._closing = False
         self._runner: asyncio.Task[None] | None = None
         self._up = asyncio.Event()
@@ -94,8 +131,9 @@ class EnclavePool:
                 await self._runner
         for conn in self.connections:
             await conn.close()
-        leftovers = list(self.backlog)
+        leftovers = list(self.backlog) + list(self.suspects)
         self.backlog.clear()
+        self.suspects.clear()
         for p in leftovers:
             p.batch.fail(ChannelClosed("enclave pool closed"))
 
@@ -145,7 +183,7 @@ class EnclavePool:
     @property
     def queued(self) -> int:
         """Requests accepted and not yet sent to an enclave."""
-        return len(self.backlog) + sum(len(c.queue) for c in self.connections)
+        return len(self.backlog) + len(self.suspects) + sum(len(c.queue) for c in self.connections)
 
     @property
     def in_flight(self) -> int:
@@ -207,6 +245,8 @@ class EnclavePool:
         if url is None:
             self.backlog.append(p)
             return
+        if self._isolating and url in self._isolating:
+            url = self._instead_of_isolating(url)
         conns = [c for c in self.groups[url] if c.connected]
         if not conns:  # went down since the last refresh: hash again over what is live
             self._refresh_gauges()
@@ -217,26 +257,59 @@ class EnclavePool:
         best = min(conns, key=lambda c: c.load - c.credits)
         if len(best.queue) - best.credits >= self.settings.spill_after and len(self._live_urls) > 1:
             # the affine enclave is saturated: spill to the least loaded one (it unwraps the keyring once)
-            others = [c for c in self.live() if c.url != url]
-            spill = min(others, key=lambda c: c.load - c.credits)
+            others = [c for c in self.live() if c.url != url and c.url not in self._isolating]
+            spill = min(others, key=lambda c: c.load - c.credits) if others else best
             if spill.load - spill.credits < best.load - best.credits:
                 self.metrics.spilled.inc()
                 best = spill
         best.enqueue(p)
 
-    def _on_lost(self, conn: EnclaveConnection, unanswered: list[Pending]) -> None:
+    def _on_lost(self, conn: EnclaveConnection, sent: list[Pending], unsent: list[Pending]) -> None:
+        """A connection was lost: count an attempt for what the enclave had been sent; re-dispatch the rest."""
         self._refresh_gauges()
         if self._closing:
-            for p in unanswered:
+            for p in (*sent, *unsent):
                 p.batch.fail(ChannelClosed("enclave pool closed"))
             return
-        if unanswered:
-            self.metrics.redispatched.inc(len(unanswered))
-        for p in unanswered:
+        isolated = self._isolating.get(conn.url)
+        if isolated is not None and isolated[0] is conn:
+            self._isolating[conn.url] = None  # its suspect came back with the connection
+        redispatched = 0
+        for p in sent:
             if p.settled:
                 continue
             p.attempts += 1
-            self._route(p)
+            if p.attempts >= self.settings.poison_attempts:
+                self._poison(p, conn)
+                continue
+            redispatched += 1
+            if p.attempts > 1:
+                self.suspects.appendleft(p)  # lost again while alone: try it again first
+            else:
+                self.suspects.append(p)
+        for p in unsent:
+            if p.settled:
+                continue
+            redispatched += 1
+            if p.attempts:
+                self.suspects.appendleft(p)  # a suspect that was not sent yet
+            else:
+                self._route(p)
+        if redispatched:
+            self.metrics.redispatched.inc(redispatched)
+        self._pump()
+
+    def _poison(self, p: Pending, conn: EnclaveConnection) -> None:
+        request_id, key_id = _ids_of(p.raw)
+        message = (
+            f"refused: {p.attempts} enclave connections were lost while this request was in flight, the last "
+            f"{p.attempts - 1} with no other request in flight on the enclave (last: {conn.closed_reason[:200]}); "
+            "it is not sent to an enclave again"
+        )
+        self.metrics.poison_requests.labels(conn.lost_cause or "error").inc()
+        log.warning("poison_request", request_id=request_id, attempts=p.attempts, channel=conn.name,
+                    reason=conn.closed_reason[:200])  # fmt: skip
+        p.batch.resolve(p.index, SignResult.failure(request_id, key_id, "error", POISON_REQUEST, message).to_wire())
 
     def _on_up(self) -> None:
         self._up.set()
@@ -244,6 +317,88 @@ class EnclavePool:
         pending, self.backlog = self.backlog, deque()
         for p in pending:
             self._route(p)
+        self._pump()
+
+    # -- isolating suspects (see the module docstring) -------------------------------------
+
+    def _on_idle(self, conn: EnclaveConnection) -> None:
+        """A held connection has nothing left in flight."""
+        if conn.url in self._isolating:
+            self._pump()
+
+    def _next_suspect(self) -> Pending | None:
+        while self.suspects and self.suspects[0].settled:
+            self.suspects.popleft()
+        return self.suspects[0] if self.suspects else None
+
+    def _whole(self, url: str) -> bool:
+        return all(c.connected for c in self.groups[url])
+
+    def _url_load(self, url: str) -> int:
+        return sum(c.load - c.credits for c in self.groups[url] if c.connected)
+
+    def _instead_of_isolating(self, url: str) -> str:
+        """Ordinary work for an isolating enclave goes to the least loaded other one, if any."""
+        others = [u for u in self._live_urls if u not in self._isolating]
+        return min(others, key=self._url_load) if others else url
+
+    def _pump(self) -> None:
+        """Move suspects on: each isolating enclave sends one at a time, alone; recruit or release enclaves."""
+        if self._closing:
+            return
+        if self._pumping:  # re-entered (routing can bring a connection up): the running pump goes round again
+            self._pump_again = True
+            return
+        self._pumping = True
+        try:
+            self._pump_again = True
+            while self._pump_again:
+                self._pump_again = False
+                self._pump_once()
+        finally:
+            self._pumping = False
+
+    def _pump_once(self) -> None:
+        for url, out in list(self._isolating.items()):
+            if out is not None:
+                if not out[1].settled:
+                    continue  # its suspect is still out: wait for the answer or the loss
+                self._isolating[url] = None
+            if not self._whole(url) or self._next_suspect() is None:
+                self._release(url)  # a loss there may still be unfolding, or nothing is left to isolate
+                continue
+            conns = self.groups[url]
+            if any(c.inflight or c.sending_alone for c in conns):
+                continue  # earlier work still in flight: the held connections report when it is done
+            p = self.suspects.popleft()
+            conn = max(conns, key=lambda c: c.credits)
+            self._isolating[url] = (conn, p)
+            conn.send_alone(p)
+        # recruit enclaves for the suspects still waiting: at most half of the live ones (at least one)
+        slots = max(1, len(self._live_urls) // 2)
+        free = sum(1 for out in self._isolating.values() if out is None)  # each takes one when drained
+        while len(self.suspects) > free and len(self._isolating) < slots:
+            ready = [u for u in self._live_urls if u not in self._isolating and self._whole(u)]
+            if not ready:
+                break
+            self._isolate(min(ready, key=self._url_load))
+            free += 1
+            self._pump_again = True
+
+    def _isolate(self, url: str) -> None:
+        log.info("enclave_isolating", url=str(parse_channel_url(url)), suspects=len(self.suspects))
+        self._isolating[url] = None
+        moved: list[Pending] = []
+        for c in self.groups[url]:
+            c.hold(True)
+            moved += c.take_queue()
+        for p in moved:  # ordinary work queued there moves to an enclave that is not isolating, if any
+            self._route(p)
+
+    def _release(self, url: str) -> None:
+        del self._isolating[url]
+        for c in self.groups[url]:
+            c.hold(False)
 
     # -- key management ----------------------------------------------------------------------
 
@@ -269,6 +424,18 @@ class EnclavePool:
             if live and url != exclude_url:
                 with contextlib.suppress(ChannelClosed):
                     await live[0].key_op(op, args)
+
+
+def _ids_of(raw: bytes) -> tuple[str, str]:
+    """The request id and key id of an encoded SignRequest, as far as they can be read."""
+    try:
+        m = msgpack.unpackb(raw, raw=False)
+    except Exception:
+        return "", ""
+    if not isinstance(m, dict):
+        return "", ""
+    rid, kid = m.get("request_id"), m.get("key_id")
+    return (rid if isinstance(rid, str) else "", kid if isinstance(kid, str) else "")
 
 
 def _score(key_id: str, url: str) -> int:
