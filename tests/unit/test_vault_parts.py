@@ -18,7 +18,7 @@ ENV = KeyringEnvelope("kr", "cmk", 1, b"blob", 0)
 
 def test_sealed_keys_open_only_with_everything_they_are_bound_to() -> None:
     dek = AESGCM(bytes(32))
-    sealed = seal(dek, "k_01", ENV, "secp256k1", b"\x04pub", "0xabc", b"s" * 32, 0)
+    sealed = seal(dek, "k_01", ENV, "secp256k1", b"\x04pub", "0x" + "ab" * 20, b"s" * 32, 0)
     assert unseal(dek, sealed) == b"s" * 32
     assert SealedKey.from_wire(sealed.to_wire()) == sealed
     for change in ({"key_id": "k_02"}, {"dek_version": 2}, {"keyring_id": "other"}, {"scheme": "ed25519"},
