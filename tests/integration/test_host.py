@@ -22,9 +22,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from eth_account import Account
 
 from broker.topics import TopicLayout, ensure_topics
-from signer.admin_client import admin_call
+from devkms.local import DevEnclave
 from tests.conftest import committed_and_end_offsets, layout_env
-from tests.enclaves import enclave_env, keyring_kms_key, start_devkms, start_enclave
+from tests.enclaves import dev_enclave, kafka_operator, start_devkms, start_enclave
 from tests.procs import Proc
 
 
@@ -36,7 +36,7 @@ class HostCluster:
         self.enclave_query = enclave_query
         self.procs: list[Proc] = []
         self.urls: list[str] = []
-        self.kms_key = ""
+        self.dev: DevEnclave | None = None
         self.hosts: dict[str, Proc] = {}
         self.ports: dict[str, int] = {}
 
@@ -44,9 +44,9 @@ class HostCluster:
         await ensure_topics(self.bootstrap, self.layout)
         kms, kms_url = start_devkms(self.tmp / "devkms", self.tmp)
         self.procs.append(kms)
-        self.kms_key = await keyring_kms_key(kms_url)
+        self.dev = await dev_enclave(kms_url, self.tmp)
         for i in range(2):
-            proc, url = start_enclave(self.sock_dir, f"enc{i}", self.tmp, env=enclave_env(kms_url, self.tmp / "devkms"))
+            proc, url = start_enclave(self.sock_dir, f"enc{i}", self.tmp, env=self.dev.env)
             self.procs.append(proc)
             self.urls.append(url + self.enclave_query)
         return self
@@ -57,7 +57,6 @@ class HostCluster:
             "SIGNER_ENCLAVES": ",".join(self.urls),
             "SIGNER_HTTP_PORT": "0",
             "SIGNER_KEYSTORE_DIR": str(self.tmp / "keystore"),
-            "SIGNER_KMS_KEY_ID": self.kms_key,
             "SIGNER_SESSION_TIMEOUT_MS": "6000",
             "SIGNER_TRANSACTION_TIMEOUT_MS": "8000",
             "SIGNER_LOG_LEVEL": "INFO",  # the host logs go to files, for diagnosis
@@ -90,8 +89,9 @@ async def cluster(bootstrap: str, layout: TopicLayout, tmp_path: Path, sock_dir:
 
 
 async def create_keys(c: HostCluster, n: int) -> list[dict[str, Any]]:
-    return [await admin_call(c.bootstrap, "keys.create", {"scheme": "secp256k1", "keyring": f"r{i % 3}"}, c.layout)
-            for i in range(n)]  # fmt: skip
+    assert c.dev is not None
+    operator = kafka_operator(c.dev, c.bootstrap, c.layout)
+    return [await operator.create_key("secp256k1", f"r{i % 3}") for i in range(n)]
 
 
 def requests_for(keys: list[dict[str, Any]], n: int, prefix: str) -> list[dict[str, Any]]:
