@@ -5,28 +5,70 @@ of the sealed key's associated data), so a host cannot alter it: a tampered
 policy makes the key fail to open. An absent policy means no restriction.
 
     {
-      "schemes": ["eth_tx", "eth_typed_data"],     # allowed request schemes
+      "schemes": ["eth_tx", "eth_typed_data"],     # the schemes this key signs (see below)
       "chain_ids": [1, 10],                         # eth_tx chainId / EIP-712 domain chainId
       "to_allowlist": ["0x...", ...],               # eth_tx destinations (contract creation is refused)
       "max_value": "0xde0b6b3a7640000",            # eth_tx value cap in wei (int or hex string)
+      "typed_data_contracts": ["0x...", ...],       # EIP-712 domain verifyingContract allow-list
       "require_auth": true,                         # requests must be signed by one of `clients`
       "clients": {"payments-svc": {"scheme": "ed25519", "public_key": "hex"}}
     }
+
+Deny by default. `chain_ids`, `to_allowlist`, `max_value` and `typed_data_contracts`
+are *limits*; each can be checked on some schemes only:
+
+    chain_ids             eth_tx (chainId), eth_typed_data (the domain's chainId)
+    to_allowlist          eth_tx
+    max_value             eth_tx
+    typed_data_contracts  eth_typed_data (the domain's verifyingContract)
+
+Without `schemes`, a key signs a scheme only if every limit its policy sets can be
+checked on it: a policy with no limit signs every scheme; one with `chain_ids` alone
+signs eth_tx and eth_typed_data; one with `to_allowlist` or `max_value` signs eth_tx
+only (a permit or order signed as typed data can move value the policy cannot see);
+`secp256k1_digest`, `eth_personal` and `ed25519` are never signed under a limit
+unless named, since a raw digest can be the signing hash of a forbidden transaction and
+a personal message can authorize a transfer (e.g. a multisig transaction approved by an
+`eth_sign` signature). With `schemes`, exactly the schemes it names are signed; the
+limits that can be checked on a named scheme are enforced, the others do not restrict
+it: naming `secp256k1_digest` next to `to_allowlist` is a deliberate exemption.
+
+Everything in a request is hostile: `check` reads EIP-712 documents through the strict,
+bounded domain readers of `eip712` and runs before any digest is computed.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.eth_tx import EthTx
+from schemas.errors import SchemaError
+from schemas.eth_tx import EthTx, parse_eth_tx
 from schemas.sign_request import SCHEMES
 
-from .eip712 import domain_chain_id
+from .eip712 import TypedDataError, domain_chain_id, domain_verifying_contract
 
 CLIENT_SCHEMES = ("ed25519", "secp256k1")
 MAX_CLIENTS = 64
 MAX_ALLOWLIST = 1024
+
+# refusal codes (the `rejected` result's error code)
+POLICY_SCHEME = "policy_scheme"
+POLICY_CHAIN_ID = "policy_chain_id"
+POLICY_DESTINATION = "policy_destination"
+POLICY_VALUE_CAP = "policy_value_cap"
+POLICY_VERIFYING_CONTRACT = "policy_verifying_contract"
+
+# the schemes each limit can be checked on
+LIMIT_SCHEMES: dict[str, frozenset[str]] = {
+    "chain_ids": frozenset({"eth_tx", "eth_typed_data"}),
+    "to_allowlist": frozenset({"eth_tx"}),
+    "max_value": frozenset({"eth_tx"}),
+    "typed_data_contracts": frozenset({"eth_typed_data"}),
+}
+_FIELDS = {"schemes", *LIMIT_SCHEMES, "require_auth", "clients"}
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 
 
 class PolicyError(ValueError):
@@ -56,23 +98,73 @@ class KeyPolicy:
     max_value: int | None = None
     require_auth: bool = False
     clients: dict[str, Client] = field(default_factory=dict)
+    typed_data_contracts: frozenset[bytes] | None = None
+    allowed: frozenset[str] = field(init=False, repr=False, compare=False)  # the schemes this key signs
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed", self.schemes if self.schemes is not None else self._implicit_schemes())
+
+    @property
+    def limits(self) -> tuple[str, ...]:
+        """The limits this policy sets, by field name."""
+        return tuple(name for name in LIMIT_SCHEMES if getattr(self, name) is not None)
+
+    def _implicit_schemes(self) -> frozenset[str]:
+        allowed = frozenset(SCHEMES)
+        for name in self.limits:
+            allowed &= LIMIT_SCHEMES[name]
+        return allowed
 
     def check(self, scheme: str, payload: Any, tx: EthTx | None) -> None:
-        """Raise PolicyViolation if this request may not be signed."""
-        if self.schemes is not None and scheme not in self.schemes:
-            raise PolicyViolation("policy_scheme", f"this key may not sign {scheme}")
-        if tx is not None:
-            if self.chain_ids is not None and tx.chain_id not in self.chain_ids:
-                raise PolicyViolation("policy_chain_id", f"chain {tx.chain_id} is not allowed for this key")
-            if self.to_allowlist is not None and tx.to not in self.to_allowlist:
-                what = "contract creation" if not tx.to else f"destination 0x{tx.to.hex()}"
-                raise PolicyViolation("policy_destination", f"{what} is not on this key's allow-list")
-            if self.max_value is not None and tx.value > self.max_value:
-                raise PolicyViolation("policy_value_cap", f"value {tx.value} exceeds this key's cap {self.max_value}")
-        if scheme == "eth_typed_data" and self.chain_ids is not None and type(payload) is dict:
-            chain = domain_chain_id(payload)
-            if chain is None or chain not in self.chain_ids:
-                raise PolicyViolation("policy_chain_id", "the typed data's domain chainId is not allowed")
+        """Raise PolicyViolation if this request may not be signed.
+
+        Reads only what the policy limits, with bounded cost: call it before computing an
+        EIP-712 digest (a refused document is then never parsed in full)."""
+        if scheme not in self.allowed:
+            if self.schemes is not None:
+                raise PolicyViolation(POLICY_SCHEME, f"this key may not sign {scheme}")
+            unchecked = [n for n in self.limits if scheme not in LIMIT_SCHEMES[n]]
+            raise PolicyViolation(POLICY_SCHEME, f"this key's policy sets {', '.join(unchecked)}, which cannot be "
+                                  f"checked on {scheme}: it signs {scheme} only if its schemes name it")  # fmt: skip
+        if scheme == "eth_tx":
+            self._check_tx(payload, tx)
+        elif scheme == "eth_typed_data":
+            self._check_typed_data(payload)
+
+    def _check_tx(self, payload: Any, tx: EthTx | None) -> None:
+        if self.chain_ids is None and self.to_allowlist is None and self.max_value is None:
+            return
+        if tx is None:  # the caller has not parsed it: never skip the limits for that
+            try:
+                tx = parse_eth_tx(payload)
+            except SchemaError as exc:
+                raise PolicyViolation(exc.code, exc.message) from None
+        if self.chain_ids is not None and tx.chain_id not in self.chain_ids:
+            raise PolicyViolation(POLICY_CHAIN_ID, f"chain {tx.chain_id} is not allowed for this key")
+        if self.to_allowlist is not None and tx.to not in self.to_allowlist:
+            what = "contract creation" if not tx.to else f"destination 0x{tx.to.hex()}"
+            raise PolicyViolation(POLICY_DESTINATION, f"{what} is not on this key's allow-list")
+        if self.max_value is not None and tx.value > self.max_value:
+            raise PolicyViolation(POLICY_VALUE_CAP, f"value {tx.value} exceeds this key's cap {self.max_value}")
+
+    def _check_typed_data(self, payload: Any) -> None:
+        if self.chain_ids is not None:
+            try:
+                chain = domain_chain_id(payload)
+            except TypedDataError as exc:
+                message = f"typed data must name an allowed chain: {exc.message}"
+                raise PolicyViolation(POLICY_CHAIN_ID, message) from None
+            if chain not in self.chain_ids:
+                raise PolicyViolation(POLICY_CHAIN_ID, f"the typed data's domain chainId {chain} is not allowed")
+        if self.typed_data_contracts is not None:
+            try:
+                contract = domain_verifying_contract(payload)
+            except TypedDataError as exc:
+                message = f"typed data must name an allowed contract: {exc.message}"
+                raise PolicyViolation(POLICY_VERIFYING_CONTRACT, message) from None
+            if contract not in self.typed_data_contracts:
+                message = f"verifyingContract 0x{contract.hex()} is not on this key's allow-list"
+                raise PolicyViolation(POLICY_VERIFYING_CONTRACT, message)
 
 
 def parse_policy(raw: Any) -> KeyPolicy | None:
@@ -81,30 +173,31 @@ def parse_policy(raw: Any) -> KeyPolicy | None:
         return None
     if type(raw) is not dict:
         raise PolicyError("a policy must be a map")
-    unknown = set(raw) - {"schemes", "chain_ids", "to_allowlist", "max_value", "require_auth", "clients"}
+    unknown = [k for k in raw if k not in _FIELDS]
     if unknown:
-        raise PolicyError(f"unknown policy fields {sorted(unknown)}")
-    schemes = chain_ids = allow = None
+        raise PolicyError(f"unknown policy fields {sorted(str(k)[:40] for k in unknown)}")
+    schemes = chain_ids = allow = contracts = None
     if "schemes" in raw:
-        if type(raw["schemes"]) is not list or not set(raw["schemes"]) <= set(SCHEMES):
+        items = raw["schemes"]
+        if type(items) is not list or not all(type(s) is str and s in SCHEMES for s in items):
             raise PolicyError(f"schemes must be a list drawn from {SCHEMES}")
-        schemes = frozenset(raw["schemes"])
+        schemes = frozenset(items)
     if "chain_ids" in raw:
-        if type(raw["chain_ids"]) is not list or not all(type(c) is int and c > 0 for c in raw["chain_ids"]):
-            raise PolicyError("chain_ids must be a list of positive integers")
-        chain_ids = frozenset(raw["chain_ids"])
+        items = raw["chain_ids"]
+        if type(items) is not list or len(items) > MAX_ALLOWLIST or not all(type(c) is int and c > 0 for c in items):
+            raise PolicyError(f"chain_ids must be a list of at most {MAX_ALLOWLIST} positive integers")
+        chain_ids = frozenset(items)
     if "to_allowlist" in raw:
-        items = raw["to_allowlist"]
-        if type(items) is not list or len(items) > MAX_ALLOWLIST:
-            raise PolicyError(f"to_allowlist must be a list of at most {MAX_ALLOWLIST} addresses")
-        allow = frozenset(_address(a) for a in items)
+        allow = _addresses(raw["to_allowlist"], "to_allowlist")
+    if "typed_data_contracts" in raw:
+        contracts = _addresses(raw["typed_data_contracts"], "typed_data_contracts")
     max_value = None
     if "max_value" in raw:
         v = raw["max_value"]
-        try:
-            max_value = v if type(v) is int else int(v, 16) if type(v) is str and v.startswith("0x") else None
-        except ValueError:
-            max_value = None
+        if type(v) is int:
+            max_value = v
+        elif type(v) is str and re.fullmatch(r"0x[0-9a-fA-F]{1,64}", v):
+            max_value = int(v, 16)
         if max_value is None or max_value < 0:
             raise PolicyError("max_value must be a non-negative integer or 0x hex string (wei)")
     require_auth = raw.get("require_auth", False)
@@ -113,15 +206,23 @@ def parse_policy(raw: Any) -> KeyPolicy | None:
     clients = _clients(raw.get("clients", {}))
     if require_auth and not clients:
         raise PolicyError("require_auth needs at least one client")
-    return KeyPolicy(schemes, chain_ids, allow, max_value, require_auth, clients)
+    policy = KeyPolicy(schemes=schemes, chain_ids=chain_ids, to_allowlist=allow, max_value=max_value,
+                       require_auth=require_auth, clients=clients, typed_data_contracts=contracts)  # fmt: skip
+    if contracts is not None and "eth_typed_data" not in policy.allowed:
+        raise PolicyError("typed_data_contracts is set but this policy does not sign eth_typed_data: "
+                          "name it in schemes")  # fmt: skip
+    return policy
+
+
+def _addresses(items: Any, name: str) -> frozenset[bytes]:
+    if type(items) is not list or len(items) > MAX_ALLOWLIST:
+        raise PolicyError(f"{name} must be a list of at most {MAX_ALLOWLIST} addresses")
+    return frozenset(_address(a) for a in items)
 
 
 def _address(a: Any) -> bytes:
-    if type(a) is str and a.startswith("0x") and len(a) == 42:
-        try:
-            return bytes.fromhex(a[2:])
-        except ValueError:
-            pass
+    if type(a) is str and _ADDRESS.fullmatch(a):
+        return bytes.fromhex(a[2:])
     if type(a) is bytes and len(a) == 20:
         return a
     raise PolicyError(f"{str(a)[:50]!r} is not a 20-byte address")
