@@ -93,8 +93,9 @@ class SealedKey:
         if address is not None and (type(address) is not str or len(address) != 42):
             raise RecordError("address must be a 0x-prefixed 20-byte hex string or absent")
         policy = m.get("policy")
-        if policy is not None and (type(policy) is not dict or not shallow(policy, MAX_POLICY_DEPTH)):
-            raise RecordError(f"policy must be a map nested at most {MAX_POLICY_DEPTH} deep, or absent")
+        if policy is not None and not policy_shape_ok(policy):
+            raise RecordError(f"policy must be a map of at most {MAX_POLICY_BYTES} bytes nested at most "
+                              f"{MAX_POLICY_DEPTH} deep, or absent")  # fmt: skip
         nonce = _bytes(m, "nonce", 12)
         if len(nonce) != 12:
             raise RecordError("nonce must be 12 bytes")
@@ -135,6 +136,7 @@ NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123
 
 
 MAX_POLICY_DEPTH = 6
+MAX_POLICY_BYTES = 64 * 1024  # encoded; a full 1,024-address allow-list is ~45 KiB
 
 
 def shallow(obj: Any, max_depth: int) -> bool:
@@ -152,6 +154,16 @@ def shallow(obj: Any, max_depth: int) -> bool:
             return False
         stack.extend((c, depth + 1) for c in children)
     return True
+
+
+def policy_shape_ok(policy: Any) -> bool:
+    """A policy's shape before it is parsed: a map, shallow, and small once encoded."""
+    if type(policy) is not dict or not shallow(policy, MAX_POLICY_DEPTH):
+        return False
+    try:
+        return len(msgpack.packb(policy, use_bin_type=True)) <= MAX_POLICY_BYTES
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def valid_name(value: Any) -> bool:

@@ -21,7 +21,7 @@ from schemas import frames
 from schemas.transport import serve_channel
 
 from .auth import Authenticator
-from .keyring import MAX_POLICY_DEPTH, KeyringEnvelope, RecordError, SealedKey, shallow, valid_name
+from .keyring import KeyringEnvelope, RecordError, SealedKey, policy_shape_ok, valid_name
 from .operations import Identity, Operation, OperationVerifier
 from .refusals import Refusal
 from .service import Deferred, SigningService
@@ -64,6 +64,8 @@ MAX_KEY_OPS_IN_FLIGHT = 8  # per connection; a host that sends more loses the co
 MAX_LOAD_ENVELOPES = 1_000  # per keyrings.load frame
 MAX_LOAD_KEYS = 5_000  # per keyrings.load frame
 MAX_LIST_KEYS = 10_000
+MAX_ENVELOPES = 100_000  # keyring versions held
+MAX_DEFERRED_BYTES = 32 * 1024 * 1024  # request bytes per connection waiting for a keyring unwrap
 
 
 class EnclaveServer:
@@ -159,7 +161,8 @@ class EnclaveServer:
             }
             await conn.send(hello)
             while True:
-                await conn.handle(await frames.read_frame(reader))
+                body = await frames.read_frame(reader, frames.HOST_FRAME_BYTES, frames.HOST_FRAME_CONTAINERS)
+                await conn.handle(body)
         except asyncio.IncompleteReadError:
             log.info("channel_closed")
         except frames.FrameError as exc:
@@ -207,6 +210,9 @@ class EnclaveServer:
         new = sum(1 for k in sealed if k.key_id not in vault.sealed)
         if len(vault.sealed) + new > self.max_keys:
             raise Refusal("too_many_keys", f"this enclave holds at most {self.max_keys} keys", "error")
+        new_envs = {(e.keyring_id, e.dek_version) for e in envelopes} - vault.envelopes.keys()
+        if len(vault.envelopes) + len(new_envs) > MAX_ENVELOPES:
+            raise Refusal("too_many_keys", f"this enclave holds at most {MAX_ENVELOPES} keyring versions", "error")
         vault.load(envelopes, sealed)
         return {"keyrings": len(vault.current), "keys": len(vault.sealed)}
 
@@ -280,6 +286,7 @@ class _Connection:
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self.outstanding = 0  # sign requests received and not yet answered
+        self.deferred_bytes = 0  # bytes of those waiting for a keyring unwrap
         self.key_ops = 0
 
     async def send(self, body: dict[str, Any]) -> None:
@@ -325,7 +332,13 @@ class _Connection:
             if ready:
                 await self.send_results(ready)
             if deferred:
-                self.spawn(self._finish_deferred(service, deferred))
+                held = sum(len(d.raw) for d in deferred)
+                self.deferred_bytes += held
+                if self.deferred_bytes > MAX_DEFERRED_BYTES:
+                    raise frames.FrameError(
+                        "deferred_bytes_exceeded", f"more than {MAX_DEFERRED_BYTES} request bytes waiting for keyrings"
+                    )
+                self.spawn(self._finish_deferred(service, deferred, held))
         elif t == frames.PING:
             ping_id = body.get("id")
             await self.send({"t": frames.PONG, "id": ping_id if type(ping_id) is int else None,
@@ -338,8 +351,12 @@ class _Connection:
         else:
             raise frames.FrameError("unknown_frame", f"unexpected frame type {t[:32]!r}")
 
-    async def _finish_deferred(self, service: SigningService, deferred: list[Deferred]) -> None:
-        await self.send_results(await service.sign_deferred(deferred))
+    async def _finish_deferred(self, service: SigningService, deferred: list[Deferred], held: int) -> None:
+        try:
+            results = await service.sign_deferred(deferred)
+        finally:
+            self.deferred_bytes -= held
+        await self.send_results(results)
 
     async def _key_op(self, body: dict[str, Any]) -> None:
         op_id = body.get("id")
@@ -379,8 +396,8 @@ def _scheme(args: dict[str, Any]) -> str:
 
 def _policy(args: dict[str, Any]) -> dict[str, Any] | None:
     policy = args.get("policy")
-    if policy is not None and (type(policy) is not dict or not shallow(policy, MAX_POLICY_DEPTH)):
-        raise Refusal("invalid_policy", "a policy must be a map (see the key policy documentation)", "error")
+    if policy is not None and not policy_shape_ok(policy):
+        raise Refusal("invalid_policy", "a policy must be a small map (see the key policy documentation)", "error")
     return policy
 
 

@@ -58,14 +58,14 @@ class Prepared:
 
 @dataclass(slots=True)
 class Deferred:
+    """A request waiting for its keyring: kept as the bytes it came in (decoded objects can be
+    tens of times larger) and decoded again once the keyring is open."""
+
     corr_id: int
-    prepared: Prepared
+    raw: bytes
+    key_id: str
     t0_ns: int
     deadline: float  # monotonic
-
-    @property
-    def req(self) -> SignRequest:
-        return self.prepared.req
 
 
 class SigningService:
@@ -97,7 +97,7 @@ class SigningService:
                         req = prepared.req
                         # a deadline is capped at now + the unwrap timeout: a host cannot park work here
                         wait = cap if req.deadline_ms is None else min(cap, (req.deadline_ms - now_ms) / 1000)
-                        deferred.append(Deferred(corr_id, prepared, t0, mono + wait))
+                        deferred.append(Deferred(corr_id, raw, req.key_id, t0, mono + wait))
                         continue
                     outcome = self._sign_with(prepared, key)
                 if isinstance(outcome, dict):  # a redelivery's first result
@@ -116,7 +116,7 @@ class SigningService:
         """Unwrap each needed keyring once (concurrently), then open, check and sign each request."""
         groups: dict[tuple[str, int], list[Deferred]] = {}
         for d in deferred:
-            sealed = self.vault.sealed.get(d.req.key_id)
+            sealed = self.vault.sealed.get(d.key_id)
             slot = (sealed.keyring_id, sealed.dek_version) if sealed is not None else ("", 0)
             groups.setdefault(slot, []).append(d)
         slots = [slot for slot in groups if slot[0]]
@@ -127,21 +127,26 @@ class SigningService:
         out: list[list[Any]] = []
         for items in groups.values():
             for d in items:
+                prepared: Prepared | None = None
                 try:
-                    if d.req.deadline_ms is not None and d.req.deadline_ms <= int(time.time() * 1000):
-                        outcome: SignResult | dict[str, Any] = _expired(d.req)
-                    else:
+                    again = self._prepare(d.raw, int(time.time() * 1000))  # also re-checks the deadline
+                    if isinstance(again, Prepared):
+                        prepared = again
                         # the record current *now* is opened, checked and signs (the host may have swapped it)
-                        outcome = self._sign_with(d.prepared, await self.vault.open_key(d.req.key_id, d.deadline))
+                        outcome: SignResult | dict[str, Any] = self._sign_with(
+                            prepared, await self.vault.open_key(d.key_id, d.deadline)
+                        )
+                    else:
+                        outcome = again
                 except Refusal as exc:
-                    outcome = self._refused(d.prepared, exc)
+                    outcome = self._refused(prepared, exc)
                 except Exception as exc:
-                    outcome = self._internal(d.prepared, exc)
+                    outcome = self._internal(prepared, exc)
                 if isinstance(outcome, dict):
                     out.append([d.corr_id, outcome])
                     continue
                 outcome.timings_us["kms_wait"] = (time.perf_counter_ns() - d.t0_ns) // 1000
-                out.append([d.corr_id, self._finish(outcome, d.t0_ns, d.prepared)])
+                out.append([d.corr_id, self._finish(outcome, d.t0_ns, prepared)])
         return out
 
     def _finish(self, result: SignResult, t0_ns: int, prepared: Prepared | None = None) -> dict[str, Any]:

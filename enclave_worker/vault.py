@@ -165,9 +165,12 @@ class Vault:
             raise Refusal("sealed_key_invalid", "the sealed key does not hold a valid private key", "error") from None
         finally:
             secret[:] = bytes(len(secret))
+        # the address is not part of the sealed record's associated data: it must be the wallet's own
+        if wallet.public_key != sealed.public_key or wallet.address != sealed.address:
+            raise Refusal("sealed_key_invalid", "the record's public key or address is not the key's", "error")
         try:
             policy = parse_policy(sealed.policy)
-        except PolicyError as exc:  # sealed by an older enclave whose rules were looser: fail closed
+        except (PolicyError, TypeError, ValueError) as exc:  # e.g. sealed under looser rules: fail closed
             raise Refusal("invalid_policy", f"the key's sealed policy is not accepted: {exc}", "error") from None
         opened = OpenedKey(sealed, wallet, policy)
         entry.wallets[sealed.key_id] = opened
@@ -292,13 +295,17 @@ class Vault:
                     new_env, dek = await self._new_data_key(keyring_id, 1)
                     entry = self.cache.put(keyring_id, 1, dek)
                     self.load([new_env], [])
+                    env = new_env
                 else:
+                    # the envelope of the data key actually used, captured before any await: the host
+                    # may load other versions meanwhile
+                    env = self.envelopes[(keyring_id, version)]
                     entry = await self.data_key(keyring_id, version, time.monotonic() + self.settings.unwrap_timeout_s)
-                env = self.envelopes[(keyring_id, self.current[keyring_id])]
                 key_id = "k_" + secrets.token_hex(10)
                 wallet = wallet_from_secret(key_id, scheme, bytes(secret))
                 sealed = seal(entry.aead, key_id, env, scheme, wallet.public_key, wallet.address, bytes(secret),
                               int(time.time() * 1000), policy)  # fmt: skip
+                unseal(entry.aead, sealed)  # it opens, or no receipt is given for it
         finally:
             secret[:] = bytes(len(secret))
         self.sealed[key_id] = sealed
@@ -380,9 +387,10 @@ class Vault:
         for key_id in sorted(self.sealed)[:limit]:
             try:
                 key = await self.open_key(key_id, deadline)
-            except Refusal:
+                env = self.envelopes[(key.record.keyring_id, key.record.dek_version)]
+            except Exception:  # a record that does not open is not vouched for, whatever the reason
                 continue
-            out.append(self.attested(key.record, self.envelopes[(key.record.keyring_id, key.record.dek_version)]))
+            out.append(self.attested(key.record, env))
         return out
 
     async def close(self) -> None:

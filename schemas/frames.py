@@ -27,6 +27,12 @@ import msgpack
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+# what an enclave accepts from its host: a frame of at most 2 MiB holding at most 50,000 maps and
+# lists (a sign frame carries requests as bytes; a keyrings.load frame ~8 per key), so no frame
+# can make the enclave build more than a few tens of MiB of objects
+HOST_FRAME_BYTES = 2 * 1024 * 1024
+HOST_FRAME_CONTAINERS = 50_000
+MAX_CONTAINER_LEN = 100_000
 # vsock writes of 32 KiB or more have hit a kernel bug: hand the socket smaller pieces
 WRITE_CHUNK_BYTES = 16 * 1024
 
@@ -58,9 +64,33 @@ def encode_frame(body: dict[str, Any], max_bytes: int = MAX_FRAME_BYTES) -> byte
     return _LEN.pack(len(data)) + data
 
 
-def decode_body(data: bytes) -> dict[str, Any]:
+class _ContainerBudget:
+    """Counts maps and lists as msgpack builds them, and stops the decoding past a budget."""
+
+    def __init__(self, budget: int) -> None:
+        self.left = budget
+
+    def __call__(self, obj: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise _OverBudget
+        return obj
+
+
+class _OverBudget(Exception):
+    pass
+
+
+def decode_body(data: bytes, max_containers: int | None = None) -> dict[str, Any]:
     try:
-        body = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        if max_containers is None:
+            body = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        else:
+            budget = _ContainerBudget(max_containers)
+            body = msgpack.unpackb(data, raw=False, strict_map_key=False, object_hook=budget, list_hook=budget,
+                                   max_array_len=MAX_CONTAINER_LEN, max_map_len=MAX_CONTAINER_LEN)  # fmt: skip
+    except _OverBudget:
+        raise FrameError("frame_too_complex", f"more than {max_containers} maps and lists in one frame") from None
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise FrameError("corrupt_frame", f"undecodable body ({type(exc).__name__})") from None
     if type(body) is not dict or type(body.get("t")) is not str:
@@ -68,13 +98,15 @@ def decode_body(data: bytes) -> dict[str, Any]:
     return body
 
 
-async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any]:
+async def read_frame(
+    reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BYTES, max_containers: int | None = None
+) -> dict[str, Any]:
     """Read one frame; raise FrameError on a bad frame, IncompleteReadError on EOF."""
     head = await reader.readexactly(HEADER_BYTES)
     (size,) = _LEN.unpack(head)
     if size > max_bytes:
         raise FrameError("frame_too_large", f"announced {size} bytes > {max_bytes}")
-    return decode_body(await reader.readexactly(size))
+    return decode_body(await reader.readexactly(size), max_containers)
 
 
 def limit_write_buffer(writer: asyncio.StreamWriter) -> None:

@@ -54,6 +54,13 @@ def _int(name: str, default: int, minimum: int = 0) -> int:
     return value
 
 
+def _int_at_most(name: str, default: int, minimum: int, maximum: int) -> int:
+    value = _int(name, default, minimum)
+    if value > maximum:
+        raise ConfigError(f"{name}={value} must be <= {maximum} (enclaves accept frames of at most 2 MiB)")
+    return value
+
+
 @dataclass
 class HostConfig:
     bootstrap: str
@@ -112,7 +119,7 @@ class HostConfig:
                 poison_attempts=_int("SIGNER_POISON_ATTEMPTS", 3, 2),
                 channel=ChannelSettings(
                     max_batch=_int("SIGNER_FRAME_MAX_REQUESTS", 512, 1),
-                    max_batch_bytes=_int("SIGNER_FRAME_MAX_BYTES", 1024 * 1024, 1024),
+                    max_batch_bytes=_int_at_most("SIGNER_FRAME_MAX_BYTES", 1024 * 1024, 1024, 1024 * 1024),
                     batch_window_s=_int("SIGNER_BATCH_WINDOW_US", 500) / 1e6,
                     heartbeat_interval_s=_int("SIGNER_HEARTBEAT_INTERVAL_MS", 1000, 10) / 1000,
                     dead_after_s=_int("SIGNER_DEAD_AFTER_MS", 5000, 50) / 1000,

@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import structlog
 
 from enclave_worker.keyring import KeyringEnvelope, SealedKey
@@ -20,7 +21,28 @@ from .pool import EnclavePool
 
 log = structlog.get_logger("keys")
 
-LOAD_CHUNK = 2000  # sealed keys per keyrings.load frame
+LOAD_CHUNK = 2000  # sealed keys per keyrings.load frame, at most
+LOAD_CHUNK_BYTES = 1024 * 1024  # and at most this many encoded bytes (enclaves accept 2 MiB frames)
+
+
+def load_frames(envelopes: list[dict[str, Any]], keys: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """keyrings.load arguments in frames an enclave accepts: envelopes first, bounded in count and bytes."""
+    out: list[dict[str, Any]] = []
+    current: dict[str, list[dict[str, Any]]] = {"envelopes": [], "keys": []}
+    size = 0
+    for kind, records in (("envelopes", envelopes), ("keys", keys)):
+        for record in records:
+            n = len(msgpack.packb(record, use_bin_type=True))
+            if current["envelopes"] or current["keys"]:
+                full = size + n > LOAD_CHUNK_BYTES or len(current["keys"]) + len(current["envelopes"]) >= LOAD_CHUNK
+                if full:
+                    out.append(current)
+                    current, size = {"envelopes": [], "keys": []}, 0
+            current[kind].append(record)
+            size += n
+    if current["envelopes"] or current["keys"] or not out:
+        out.append(current)
+    return out
 
 
 class KeyOpError(Exception):
@@ -67,9 +89,8 @@ class KeyManager:
         await self.push_credentials(conn)
         envelopes = [e.to_wire() for e in self.store.envelopes()]
         keys = [k.to_wire() for k in self.store.keys()]
-        await conn.key_op("keyrings.load", {"envelopes": envelopes, "keys": keys[:LOAD_CHUNK]})
-        for i in range(LOAD_CHUNK, len(keys), LOAD_CHUNK):
-            await conn.key_op("keyrings.load", {"envelopes": [], "keys": keys[i : i + LOAD_CHUNK]})
+        for args in load_frames(envelopes, keys):
+            await conn.key_op("keyrings.load", args)
 
     async def reload_keys(self, key_ids: set[str]) -> set[str]:
         """Keys another host created: re-read the store and load those found into every enclave."""
@@ -80,7 +101,8 @@ class KeyManager:
             rings = {s.keyring_id for s in sealed if s is not None}
             envelopes = [e.to_wire() for e in self.store.envelopes() if e.keyring_id in rings]
             wires = [s.to_wire() for s in sealed if s is not None]
-            await self.pool.broadcast("keyrings.load", {"envelopes": envelopes, "keys": wires})
+            for load in load_frames(envelopes, wires):
+                await self.pool.broadcast("keyrings.load", load)
         return found
 
     async def handle(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -170,8 +192,8 @@ class KeyManager:
             if env is None:
                 raise KeyOpError("unknown_keyring", f"no keyring {keyring!r}")
             members = [k.to_wire() for k in self.store.keys() if k.keyring_id == keyring]
-            await self.pool.key_op("keyrings.load", {"envelopes": [env.to_wire()], "keys": members},
-                                   enclave_id=enclave_id)  # fmt: skip
+            for load in load_frames([env.to_wire()], members):
+                await self.pool.key_op("keyrings.load", load, enclave_id=enclave_id)
             reply = await self.pool.key_op("keys.rotate_dek", self._signed(args), enclave_id=enclave_id)
             result = self._result(reply)
             new_env = KeyringEnvelope.from_wire(result["envelope"])
@@ -182,9 +204,8 @@ class KeyManager:
                 self.store.put_envelope(new_env)
             except KeyringConflict as exc:
                 raise KeyOpError("keyring_conflict", f"{exc}; retry") from None
-            await self.pool.broadcast("keyrings.load", {"envelopes": [new_env.to_wire()],
-                                                        "keys": [s.to_wire() for s in resealed]},
-                                      exclude_url=reply.get("url"))  # fmt: skip
+            for load in load_frames([new_env.to_wire()], [s.to_wire() for s in resealed]):
+                await self.pool.broadcast("keyrings.load", load, exclude_url=reply.get("url"))
             log.info("dek_rotated", keyring=keyring, version=new_env.dek_version, keys=len(resealed))
             return {"keyring": keyring, "dek_version": new_env.dek_version, "keys": len(resealed),
                     "receipt": result["receipt"], "enclave_id": result["enclave_id"]}  # fmt: skip

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.padding import MGF1, OAEP
 
 from schemas.attestation import AttestationError, verify_attestation
+from schemas.keccak import keccak256, to_checksum_address
 from schemas.operations import (
     NONCE_BYTES,
     OPERATION_DOMAIN,
@@ -238,6 +239,15 @@ class AdminSession:
 
 
 def _describe(attested: dict[str, Any], enclave: AttestedEnclave) -> dict[str, Any]:
-    """What the CLI prints for a verified key: hex for bytes, plus who vouched for it."""
+    """What the CLI prints for a verified key: hex for bytes, plus who vouched for it. The address is
+    recomputed from the public key here, whatever the receipt says."""
+    pub = attested.get("public_key")
+    if attested.get("scheme") == "secp256k1":
+        if type(pub) is not bytes or len(pub) != 65:
+            raise ReceiptError("the receipt's secp256k1 public key is malformed")
+        if attested.get("address") != to_checksum_address(keccak256(pub[1:])[-20:]):
+            raise ReceiptError("the receipt's address is not the public key's")
+    elif attested.get("address") is not None:
+        raise ReceiptError("an ed25519 key has no address")
     out = {k: (v.hex() if type(v) is bytes else v) for k, v in attested.items() if v is not None}
     return {**out, "enclave_id": enclave.enclave_id, "pcr0": enclave.pcr0, "verified": True}

@@ -183,6 +183,29 @@ HOSTILE_FRAMES = {
     "nested request": _sign_frame(
         {"v": 1, "request_id": "n", "key_id": "k", "scheme": "eth_typed_data", "payload": {"types": NESTED}}
     ),
+    "half a million empty maps": {"t": frames.SIGN, "items": [{}] * 500_000},
+    "a wide policy": {
+        "t": frames.KEY_OP,
+        "id": 4,
+        "op": "keyrings.load",
+        "args": {
+            "envelopes": [],
+            "keys": [
+                {
+                    "v": 1,
+                    "key_id": "k_2",
+                    "keyring_id": "r",
+                    "dek_version": 1,
+                    "scheme": "secp256k1",
+                    "public_key": b"p",
+                    "nonce": b"n" * 12,
+                    "ciphertext": b"c",
+                    "created_ms": 1,
+                    "policy": {"to_allowlist": ["0x" + "ab" * 20] * 40_000},
+                }
+            ],
+        },
+    },
     "big int deadline": _sign_frame(
         {
             "v": 1,
@@ -336,3 +359,52 @@ async def _one(stage: Stage, body: dict[str, Any], key_ids: list[str]) -> str:
         return "dropped"
     finally:
         await ch.close()
+
+
+async def test_requests_waiting_for_a_keyring_are_bounded_in_bytes(stage: Stage) -> None:
+    """KMS is slow (the host controls the proxy): requests for a cold keyring wait, held as bytes, and a
+    host that parks more than the enclave's budget loses the connection instead of its memory."""
+    import aiohttp
+
+    from enclave_worker.server import MAX_DEFERRED_BYTES
+
+    assert stage.operator is not None
+    key = await stage.operator.create_key("secp256k1", "kr")
+    cold = 1 if key["enclave_id"] == "enc0" else 0
+    big = {
+        "types": {"EIP712Domain": [{"name": "name", "type": "string"}], "M": [{"name": "s", "type": "string"}]},
+        "primaryType": "M",
+        "domain": {"name": "x"},
+        "message": {"s": "y" * 200_000},
+    }
+    before = enclave_rss_kib(stage.procs[1 + cold])
+    async with aiohttp.ClientSession() as s:
+        await s.post(f"{stage.kms_url}/_dev/throttle", json={"next": 100_000})
+    try:
+        ch = await stage.channel(cold)
+        sent = 0
+        frames_sent = 0
+        while sent <= MAX_DEFERRED_BYTES + 4 * 1024 * 1024:
+            reqs = [
+                {
+                    "v": 1,
+                    "request_id": f"p{frames_sent}-{i}",
+                    "key_id": key["key_id"],
+                    "scheme": "eth_typed_data",
+                    "payload": big,
+                }
+                for i in range(8)
+            ]
+            body = _sign_frame(*reqs, corr=frames_sent * 10)
+            sent += sum(len(raw) for _, raw in body["items"])
+            frames_sent += 1
+            try:
+                await ch.send(body)
+            except ConnectionError:
+                break
+        assert await ch.closed(timeout=20)
+        assert enclave_rss_kib(stage.procs[1 + cold]) - before < RSS_SLACK_KIB
+    finally:
+        async with aiohttp.ClientSession() as s:
+            await s.post(f"{stage.kms_url}/_dev/throttle", json={"next": 0})
+    await _serves(stage, cold)
