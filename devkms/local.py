@@ -4,8 +4,11 @@ for the local cluster, the CLI, the benchmarks and the tests."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,34 +67,39 @@ async def provision_dev_enclave(
     naming them, measure code + configuration (the dev PCR0), and set the KMS key's policy to
     release data keys only to that measurement."""
     from enclave_worker.attestation import measure_enclave_code
-    from signer.operator import OperatorKey
 
     from .policy import admin_only_policy, attested_keyring_policy
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    op_path = out_dir / "operator.pem"
-    operator = OperatorKey.load(op_path) if op_path.exists() else OperatorKey.create(op_path)
+    op_path, op_id, op_public = await asyncio.to_thread(_operator_key, out_dir)
+    config_path = out_dir / "enclave-config.json"
     async with _dev_kms_client(kms_url) as client:
         arn = kms_key_arn or await client.create_key(admin_only_policy(), "signer keyrings (dev)")
-        config = dev_config(kms_url, [arn], {operator.operator_id: operator.public_hex})
-        config_path = out_dir / "enclave-config.json"
-        config_path.write_bytes(config)
+        config = dev_config(kms_url, [arn], {op_id: op_public})
+        await asyncio.to_thread(config_path.write_bytes, config)
         pcr0 = measure_enclave_code(config).hex()
         await client.put_key_policy(arn, attested_keyring_policy(pcr0))
     env = {**dev_credentials(), "ENCLAVE_CONFIG": str(config_path), "ENCLAVE_DEV_PKI": str(kms_data_dir / "pki")}
     return DevEnclave(config_path, kms_url, arn, pcr0, op_path, kms_data_dir / "pki" / "root.der", env)
 
 
-class _dev_kms_client:  # noqa: N801 - used as a context manager
-    def __init__(self, kms_url: str) -> None:
-        from enclave_worker.kms import KmsClient, KmsConfig
+def _operator_key(out_dir: Path) -> tuple[Path, str, str]:
+    """The dev operator's key file in out_dir (made on first use): (path, operator id, public key hex)."""
+    from signer.operator import OperatorKey
 
-        creds = dev_credentials()
-        self.client = KmsClient(KmsConfig(kms_url, region=DEV_REGION, access_key_id=creds["SIGNER_KMS_ACCESS_KEY_ID"],
-                                          secret_access_key=creds["SIGNER_KMS_SECRET_ACCESS_KEY"]))  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "operator.pem"
+    operator = OperatorKey.load(path) if path.exists() else OperatorKey.create(path)
+    return path, operator.operator_id, operator.public_hex
 
-    async def __aenter__(self) -> Any:
-        return self.client
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.client.close()
+@contextlib.asynccontextmanager
+async def _dev_kms_client(kms_url: str) -> AsyncIterator[Any]:
+    from enclave_worker.kms import KmsClient, KmsConfig
+
+    creds = dev_credentials()
+    client = KmsClient(KmsConfig(kms_url, region=DEV_REGION, access_key_id=creds["SIGNER_KMS_ACCESS_KEY_ID"],
+                                 secret_access_key=creds["SIGNER_KMS_SECRET_ACCESS_KEY"]))  # fmt: skip
+    try:
+        yield client
+    finally:
+        await client.close()

@@ -25,6 +25,8 @@ from typing import Any
 
 import msgpack
 
+from .validate import ContainerBudget, OverBudget
+
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 # what an enclave accepts from its host: a frame of at most 2 MiB holding at most 50,000 maps and
@@ -64,32 +66,15 @@ def encode_frame(body: dict[str, Any], max_bytes: int = MAX_FRAME_BYTES) -> byte
     return _LEN.pack(len(data)) + data
 
 
-class _ContainerBudget:
-    """Counts maps and lists as msgpack builds them, and stops the decoding past a budget."""
-
-    def __init__(self, budget: int) -> None:
-        self.left = budget
-
-    def __call__(self, obj: Any) -> Any:
-        self.left -= 1
-        if self.left < 0:
-            raise _OverBudget
-        return obj
-
-
-class _OverBudget(Exception):
-    pass
-
-
 def decode_body(data: bytes, max_containers: int | None = None) -> dict[str, Any]:
     try:
         if max_containers is None:
             body = msgpack.unpackb(data, raw=False, strict_map_key=False)
         else:
-            budget = _ContainerBudget(max_containers)
+            budget = ContainerBudget(max_containers)
             body = msgpack.unpackb(data, raw=False, strict_map_key=False, object_hook=budget, list_hook=budget,
                                    max_array_len=MAX_CONTAINER_LEN, max_map_len=MAX_CONTAINER_LEN)  # fmt: skip
-    except _OverBudget:
+    except OverBudget:
         raise FrameError("frame_too_complex", f"more than {max_containers} maps and lists in one frame") from None
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise FrameError("corrupt_frame", f"undecodable body ({type(exc).__name__})") from None

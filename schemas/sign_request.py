@@ -20,7 +20,7 @@ from .errors import (
     SchemaError,
 )
 from .eth_tx import parse_eth_tx
-from .validate import as_bytes, as_int, as_str, require
+from .validate import ContainerBudget, OverBudget, as_bytes, as_int, as_str, require
 
 VERSION = 1
 SCHEMES = ("eth_tx", "eth_personal", "eth_typed_data", "secp256k1_digest", "ed25519")
@@ -61,6 +61,9 @@ class SignRequest:
         return msgpack.packb(self.to_wire(), use_bin_type=True)
 
 
+MAX_CONTAINERS = 2_048  # maps and lists in one message (an access list of 1,000 addresses needs ~2,000)
+
+
 def unpack_map(raw: bytes, max_bytes: int) -> dict[str, Any]:
     """msgpack bytes -> a map with string keys, or SchemaError (never another exception)."""
     if type(raw) is not bytes:
@@ -68,7 +71,10 @@ def unpack_map(raw: bytes, max_bytes: int) -> dict[str, Any]:
     if len(raw) > max_bytes:
         raise SchemaError(TOO_LARGE, f"message is {len(raw)} bytes, the limit is {max_bytes}")
     try:
-        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        hook = ContainerBudget(MAX_CONTAINERS)
+        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, object_hook=hook, list_hook=hook)
+    except OverBudget:
+        raise SchemaError(TOO_LARGE, f"message holds more than {MAX_CONTAINERS} maps and lists") from None
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.UnpackException) as exc:
         raise SchemaError(MALFORMED, f"not a single valid msgpack object ({type(exc).__name__})") from None
     except RecursionError:

@@ -9,6 +9,24 @@ from .errors import INVALID_VALUE, MISSING_FIELD, WRONG_TYPE, SchemaError
 UINT256_MAX = (1 << 256) - 1
 
 
+class OverBudget(Exception):
+    """Raised inside msgpack decoding when a message holds more maps and lists than allowed."""
+
+
+class ContainerBudget:
+    """msgpack object_hook/list_hook counting the maps and lists a message builds, so decoding a
+    small message of many tiny containers stops early instead of building millions of objects."""
+
+    def __init__(self, budget: int) -> None:
+        self.left = budget
+
+    def __call__(self, obj: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise OverBudget
+        return obj
+
+
 def require(m: dict[str, Any], name: str, rid: str | None = None) -> Any:
     try:
         return m[name]

@@ -29,7 +29,7 @@ from enclave_worker.policy import parse_policy
 from schemas.sign_request import MAX_REQUEST_BYTES, decode_sign_request
 
 RATIO = 20  # no request may cost more than this many eth_tx signings
-CODES = {"typed_data_too_deep", "typed_data_too_large", "invalid_typed_data"}
+CODES = {"typed_data_too_deep", "typed_data_too_large", "invalid_typed_data", "too_large"}
 PRIV = coincurve.PrivateKey()
 POLICY = parse_policy(bench.HOSTILE_POLICY)
 
@@ -74,11 +74,15 @@ def ratio_to_eth_tx(doc: dict[str, Any], attempts: int = 3) -> tuple[float, str]
     The lowest of a few attempts, each measuring both sides, so a burst of noise is not a result."""
     raw = bench.request_bytes(doc)
     outcome = bench.typed_request(raw, PRIV, POLICY)
-    payload = decode_sign_request(raw).payload
+    if outcome == "too_large":  # refused while decoding (too many maps and lists): that is its whole cost
+        work: Callable[[], Any] = lambda: bench.typed_request(raw, PRIV, POLICY)  # noqa: E731
+    else:
+        payload = decode_sign_request(raw).payload
+        work = lambda: bench.typed_payload(payload, PRIV, POLICY)  # noqa: E731
     best = float("inf")
     for _ in range(attempts):
         tx = eth_tx_seconds()
-        typed = cpu_median(lambda: bench.typed_payload(payload, PRIV, POLICY), 7)
+        typed = cpu_median(work, 7)
         best = min(best, typed / tx)
         if best < RATIO / 2:
             break
@@ -153,7 +157,7 @@ def test_thousands_of_types_referencing_each_other() -> None:
     names = [f"T{i}" for i in range(3000)]
     types = {n: [("next", names[(i + 1) % 3000]), ("all", names[(i * 7) % 3000] + "[]")] for i, n in enumerate(names)}
     ratio, outcome = ratio_to_eth_tx(doc_of(types, "T0", {"next": {}, "all": []}))
-    assert outcome == "typed_data_too_large" and ratio < RATIO
+    assert outcome in ("typed_data_too_large", "too_large") and ratio < RATIO
     # as many as the caps allow, each one's encodeType naming all the others, every one hashed
     ratio, outcome = ratio_to_eth_tx(bench.many_types_doc(eip712.MAX_TYPES - 1, 4, eip712.MAX_NAME))
     assert outcome == "typed_data_too_large" and ratio < RATIO
