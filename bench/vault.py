@@ -56,7 +56,7 @@ async def run_vault_bench(keyrings: int = 5, keys_per_ring: int = 10, signatures
             await holder["keys"].load_into(conn)
 
         pool = EnclavePool([sock], PoolSettings(connections_per_enclave=1), prepare=prepare)
-        holder["keys"] = KeyManager(pool, store, dev.kms_key_arn)
+        holder["keys"] = KeyManager(pool, store)
         await pool.start(ready_timeout=20)
         return proc, pool, holder["keys"]
 

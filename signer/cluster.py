@@ -136,13 +136,12 @@ class LocalCluster:
             await asyncio.to_thread(self.kafka.start)
             bootstrap = self.kafka.bootstrap
             log.info("kafka_ready", bootstrap=bootstrap, startup_s=round(self.kafka.startup_seconds, 2))
-        kms_key_id, enclave_env = await self._start_kms()
+        enclave_env = await self._start_kms()
         urls = [f"unix://{self.workdir / f'enclave-{i}.sock'}" for i in range(self.enclave_processes)]
         overrides: dict[str, object] = {
             "bootstrap": bootstrap,
             "enclaves": urls,
             "keystore_dir": str(self.data_dir / "keystore"),
-            "kms_key_id": kms_key_id,
         }
         cfg = HostConfig.from_env(**overrides)
         if self._partitions:
@@ -162,7 +161,7 @@ class LocalCluster:
         self._http, self.http_port = await serve_http(self.host, cfg.http_host, cfg.http_port)
         self._run = asyncio.create_task(self.host.run(), name="host-worker")
 
-    async def _start_kms(self) -> tuple[str, dict[str, str]]:
+    async def _start_kms(self) -> dict[str, str]:
         """Start the dev KMS; provision the dev enclave configuration, operator key and keyring KMS key."""
         from devkms.local import provision_dev_enclave
 
@@ -179,7 +178,7 @@ class LocalCluster:
             log.warning("enclave_measurement_changed", old_pcr0=state["pcr0"], new_pcr0=self.dev.pcr0,
                         note="the dev keyring KMS key now releases data keys to the new measurement only")  # fmt: skip
         state_path.write_text(json.dumps({"kms_key_arn": self.dev.kms_key_arn, "pcr0": self.dev.pcr0}))
-        return self.dev.kms_key_arn, self.dev.env
+        return self.dev.env
 
     def admin(self) -> AdminSession:
         """An operator session (the dev operator key) over this cluster's Kafka admin topic."""

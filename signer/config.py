@@ -74,7 +74,6 @@ class HostConfig:
     enclave_wait_s: float = 30.0
     shutdown_timeout_s: float = 30.0
     keystore_dir: str = ""
-    kms_key_id: str = ""
     default_keyring: str = "default"
     kms_credentials_file: str = ""  # JSON as IMDS serves role credentials: AccessKeyId, SecretAccessKey, Token
     max_in_flight: int = 10_000  # records fetched and not yet done; above it partitions pause
@@ -128,7 +127,6 @@ class HostConfig:
             enclave_wait_s=_int("SIGNER_ENCLAVE_WAIT_S", 30),
             shutdown_timeout_s=_int("SIGNER_SHUTDOWN_TIMEOUT_S", 30),
             keystore_dir=_env("SIGNER_KEYSTORE_DIR", os.path.expanduser("~/.local/share/enclave-signer/keystore")),
-            kms_key_id=_env("SIGNER_KMS_KEY_ID", ""),
             default_keyring=_env("SIGNER_DEFAULT_KEYRING", "default"),
             kms_credentials_file=_env("SIGNER_KMS_CREDENTIALS_FILE", ""),
             max_in_flight=_int("SIGNER_MAX_IN_FLIGHT", 10_000, 1),

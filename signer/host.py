@@ -66,9 +66,7 @@ class HostWorker:
         self.metrics = metrics or HostMetrics()
         self.keystore = DirectoryKeyStore(Path(config.keystore_dir))
         self.pool = EnclavePool(config.enclaves, config.pool, self.metrics, prepare=self._prepare_connection)
-        self.keys = KeyManager(
-            self.pool, self.keystore, config.kms_key_id, config.default_keyring, credentials=self._kms_credentials
-        )
+        self.keys = KeyManager(self.pool, self.keystore, config.default_keyring, credentials=self._kms_credentials)
         EnclaveStatsCollector(self._enclave_stats, self.metrics.registry)
         self.tracker = OffsetTracker()
         self.consumer: AIOKafkaConsumer | None = None

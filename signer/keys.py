@@ -56,16 +56,12 @@ class KeyManager:
         self,
         pool: EnclavePool,
         store: KeyStore,
-        kms_key_id: str,
         default_keyring: str = "default",
         credentials: Callable[[], dict[str, str] | None] | None = None,
     ):
         self.pool = pool
         self.credentials = credentials  # KMS credentials to hand to enclaves (None: they have their own)
         self.store = store
-        # the KMS key behind keyrings is pinned in the enclaves' measured configuration; the host's
-        # setting is not sent to them (kept for configuration compatibility)
-        self.kms_key_id = kms_key_id
         self.default_keyring = default_keyring
         self._locks: dict[str, asyncio.Lock] = {}
 

@@ -58,7 +58,7 @@ class Rig:
         settings = PoolSettings(connections_per_enclave=2, channel=ChannelSettings(heartbeat_interval_s=0.1))
         self.pool = EnclavePool(self.urls, settings, self.metrics, prepare=self._prepare)
         creds = self.host_credentials
-        self.keys = KeyManager(self.pool, store, self.kms_key_id, credentials=(lambda: creds) if creds else None)
+        self.keys = KeyManager(self.pool, store, credentials=(lambda: creds) if creds else None)
         self.admin = self.dev.admin(self.keys.handle)
         EnclaveStatsCollector(self._stats, self.metrics.registry)
         await self.pool.start(ready_timeout=20)

@@ -51,7 +51,7 @@ def _req(rid: str, key_id: str, scheme: str, payload: object, **kw: object) -> b
 
 def _operator(pool: EnclavePool, dev: DevEnclave, tmp: Path) -> AdminSession:
     """The dev operator, reaching the enclave through the host's key manager."""
-    return cast(AdminSession, dev.admin(KeyManager(pool, DirectoryKeyStore(tmp / "keystore"), "").handle))
+    return cast(AdminSession, dev.admin(KeyManager(pool, DirectoryKeyStore(tmp / "keystore")).handle))
 
 
 async def test_hello_then_batched_signatures(enclave: str, kms_stack: DevEnclave, tmp_path: Path) -> None:

@@ -106,7 +106,7 @@ class Stage:
             self.procs.append(enc)
             self.urls.append(url)
         self.pool = EnclavePool(self.urls, PoolSettings(connections_per_enclave=1), prepare=self._prepare)
-        self.keys = KeyManager(self.pool, DirectoryKeyStore(self.tmp / "keystore"), "")
+        self.keys = KeyManager(self.pool, DirectoryKeyStore(self.tmp / "keystore"))
         await self.pool.start(ready_timeout=20)
         self.operator = self.dev.admin(self.keys.handle)
         return self
