@@ -231,3 +231,15 @@ async def test_fuzzed_payloads_never_crash_the_enclave(rig: Rig) -> None:
     # and the enclave still serves
     after = (await rig.sign([digest_req("after-fuzz", key["key_id"])]))[0]
     assert after["status"] == "ok" and all(p.popen.poll() is None for p in rig.procs)
+
+
+async def test_a_transaction_from_another_address_is_refused(rig: Rig) -> None:
+    key = await rig.create()
+    other = Account.create().address
+    mine, theirs = (
+        tx_req("from-me", key["key_id"], **{"from": key["address"]}),
+        tx_req("from-other", key["key_id"], **{"from": other}),
+    )
+    res = await rig.sign([mine, theirs])
+    assert res[0]["status"] == "ok" and Account.recover_transaction(res[0]["raw_tx"]) == key["address"]
+    assert codes(res[1:]) == [("rejected", "sender_mismatch")] and "signature" not in res[1]
