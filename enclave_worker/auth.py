@@ -26,17 +26,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from schemas.refusals import Code, Refused
 from schemas.sign_request import SignRequest
 
 from .policy import KeyPolicy
 
 DEFAULT_WINDOW_S = 300.0
-
-
-class AuthFailure(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code, self.message = code, message
 
 
 def _sorted(obj: Any) -> Any:
@@ -78,7 +73,7 @@ class ReplayCache:
 
     def check(self, client_id: str, nonce: bytes, digest: bytes) -> _Seen | None:
         """The earlier sighting of this nonce for the same request (a redelivery), None if new;
-        raises AuthFailure if the nonce was used for a different request."""
+        raises Refused (auth_replayed) if the nonce was used for a different request."""
         now = time.monotonic()
         self._evict(now)
         seen = self._seen.get((client_id, nonce))
@@ -87,7 +82,7 @@ class ReplayCache:
             self._seen[(client_id, nonce)] = entry
             return None
         if seen.request_digest != digest:
-            raise AuthFailure("auth_replayed", "this nonce was already used for another request")
+            raise Refused(Code.AUTH_REPLAYED, "this nonce was already used for another request")
         return seen
 
     def __len__(self) -> int:
@@ -100,30 +95,30 @@ class Authenticator:
         self.replays = ReplayCache(replay_capacity, window_s)
 
     def verify(self, req: SignRequest, policy: KeyPolicy | None) -> _Seen | None:
-        """Check a request's auth against the key's policy; raise AuthFailure.
+        """Check a request's auth against the key's policy; raise Refused (an ``auth_*`` code).
 
         Returns the replay-cache entry when the request carried auth (so the caller can
         record the result for a redelivery), or the earlier entry if this is one."""
         auth = req.auth
         if auth is None:
             if policy is not None and policy.require_auth:
-                raise AuthFailure("auth_required", "this key only signs authenticated requests")
+                raise Refused(Code.AUTH_REQUIRED, "this key only signs authenticated requests")
             return None
         if policy is None or not policy.clients:
-            raise AuthFailure("auth_unknown_client", "this key has no registered clients")
+            raise Refused(Code.AUTH_UNKNOWN_CLIENT, "this key has no registered clients")
         cid, ts, nonce, sig = auth.get("client_id"), auth.get("ts_ms"), auth.get("nonce"), auth.get("sig")
         if type(cid) is not str or type(ts) is not int or type(nonce) is not bytes or type(sig) is not bytes:
-            raise AuthFailure("auth_malformed", "auth needs client_id (str), ts_ms (int), nonce and sig (bytes)")
+            raise Refused(Code.AUTH_MALFORMED, "auth needs client_id (str), ts_ms (int), nonce and sig (bytes)")
         if not 8 <= len(nonce) <= 32:
-            raise AuthFailure("auth_malformed", "the nonce must be 8-32 bytes")
+            raise Refused(Code.AUTH_MALFORMED, "the nonce must be 8-32 bytes")
         client = policy.clients.get(cid)
         if client is None:
-            raise AuthFailure("auth_unknown_client", f"client {cid[:64]!r} is not registered for this key")
+            raise Refused(Code.AUTH_UNKNOWN_CLIENT, f"client {cid[:64]!r} is not registered for this key")
         if abs(time.time() * 1000 - ts) > self.window_s * 1000:
-            raise AuthFailure("auth_stale", f"ts_ms is outside the {self.window_s:.0f}s freshness window")
+            raise Refused(Code.AUTH_STALE, f"ts_ms is outside the {self.window_s:.0f}s freshness window")
         message = canonical_encoding(req, ts, nonce)
         if not _signature_ok(client.scheme, client.public_key, message, sig):
-            raise AuthFailure("auth_bad_signature", "the request signature does not verify")
+            raise Refused(Code.AUTH_BAD_SIGNATURE, "the request signature does not verify")
         digest = hashlib.sha256(message).digest()
         earlier = self.replays.check(cid, nonce, digest)
         return earlier if earlier is not None else self.replays._seen[(cid, nonce)]

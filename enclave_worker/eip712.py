@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from schemas.keccak import keccak256, to_checksum_address
+from schemas.refusals import Code, Refused
 
 MAX_DEPTH = 16  # struct and array levels, the primary struct being the first
 MAX_ARRAY = 1024  # elements per array (and the largest fixed array size)
@@ -55,10 +56,6 @@ COST_INT_STRING = 2  # each integer given as a string, on top (it is parsed)
 COST_TYPE_VISIT = 1  # each struct type visited to build an encodeType
 COST_BYTES = 128  # bytes hashed (string and bytes values, encodeType strings) per unit
 
-TOO_DEEP = "typed_data_too_deep"
-TOO_LARGE = "typed_data_too_large"
-INVALID = "invalid_typed_data"
-
 _DOMAIN_FIELDS = (("name", "string"), ("version", "string"), ("chainId", "uint256"),
                   ("verifyingContract", "address"), ("salt", "bytes32"))  # fmt: skip
 _IDENT = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
@@ -76,14 +73,12 @@ _ATOM, _STRUCT, _ARRAY = 0, 1, 2
 Spec = tuple[Any, ...]
 
 
-class TypedDataError(ValueError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code, self.message = code, message
+class TypedDataError(Refused, ValueError):
+    """A document refused: `typed_data_too_deep`, `typed_data_too_large` or `invalid_typed_data`."""
 
 
 def _bad(message: str) -> TypedDataError:
-    return TypedDataError(INVALID, message)
+    return TypedDataError(Code.INVALID_TYPED_DATA, message)
 
 
 def _clip(value: Any) -> str:
@@ -109,7 +104,7 @@ def _as_int(value: Any, ftype: str) -> int:
     raise _bad(f"a {ftype} value must be an integer or a numeric string")
 
 
-def _as_bytes(value: Any, ftype: str, max_len: int, too_long: str = INVALID) -> bytes:
+def _as_bytes(value: Any, ftype: str, max_len: int, too_long: Code = Code.INVALID_TYPED_DATA) -> bytes:
     """bytes, or a "0x" hex string; longer than max_len bytes is refused (code `too_long`) before conversion."""
     if type(value) is bytes:
         if len(value) > max_len:
@@ -229,7 +224,7 @@ def _declared_fields(name: str, fields: Any) -> list[tuple[str, str]]:
     if type(fields) is not list:
         raise _bad(f"{name} must be a list of fields")
     if len(fields) > MAX_FIELDS:
-        raise TypedDataError(TOO_LARGE, f"{name} has more than {MAX_FIELDS} fields")
+        raise TypedDataError(Code.TYPED_DATA_TOO_LARGE, f"{name} has more than {MAX_FIELDS} fields")
     out = []
     seen = set()
     for f in fields:
@@ -244,7 +239,9 @@ def _declared_fields(name: str, fields: Any) -> list[tuple[str, str]]:
         if type(ftype) is not str:
             raise _bad(f"{name}.{fname} has no type")
         if len(ftype) > MAX_TYPE_STRING:
-            raise TypedDataError(TOO_LARGE, f"{name}.{fname}: a type longer than {MAX_TYPE_STRING} characters")
+            raise TypedDataError(
+                Code.TYPED_DATA_TOO_LARGE, f"{name}.{fname}: a type longer than {MAX_TYPE_STRING} characters"
+            )
         seen.add(fname)
         out.append((str(fname), ftype))
     return out
@@ -257,12 +254,12 @@ def _split_type(ftype: str, where: str) -> tuple[str, list[int]]:
         return ftype, []
     base, suffix = ftype[:i], ftype[i:]
     if suffix.count("[") > MAX_DEPTH:  # cheap, before the regex
-        raise TypedDataError(TOO_DEEP, f"{where} nests arrays deeper than {MAX_DEPTH}")
+        raise TypedDataError(Code.TYPED_DATA_TOO_DEEP, f"{where} nests arrays deeper than {MAX_DEPTH}")
     if _DIMS.fullmatch(suffix) is None:
         raise _bad(f"{where} has a malformed array type {_clip(ftype)}")
     dims = [int(d) if d else -1 for d in suffix[1:-1].split("][")]
     if any(d > MAX_ARRAY for d in dims):
-        raise TypedDataError(TOO_LARGE, f"{where} declares an array longer than {MAX_ARRAY}")
+        raise TypedDataError(Code.TYPED_DATA_TOO_LARGE, f"{where} declares an array longer than {MAX_ARRAY}")
     return base, dims
 
 
@@ -274,7 +271,7 @@ class _Document:
         if type(raw_types) is not dict:
             raise _bad("types must be a map")
         if len(raw_types) > MAX_TYPES:
-            raise TypedDataError(TOO_LARGE, f"more than {MAX_TYPES} struct types")
+            raise TypedDataError(Code.TYPED_DATA_TOO_LARGE, f"more than {MAX_TYPES} struct types")
         declared: dict[str, list[tuple[str, str]]] = {}
         total = 0
         for name, fields in raw_types.items():
@@ -284,7 +281,9 @@ class _Document:
             if type(fields) is list:
                 total += len(fields)
                 if total > MAX_TOTAL_FIELDS:
-                    raise TypedDataError(TOO_LARGE, f"more than {MAX_TOTAL_FIELDS} fields over all struct types")
+                    raise TypedDataError(
+                        Code.TYPED_DATA_TOO_LARGE, f"more than {MAX_TOTAL_FIELDS} fields over all struct types"
+                    )
                 self.charge(COST_TYPE + COST_FIELD * len(fields))
             declared[name] = _declared_fields(name, fields)
         if "EIP712Domain" not in declared:  # derived from the domain's fields, in the standard order
@@ -314,7 +313,7 @@ class _Document:
     def charge(self, cost: int) -> None:
         self.budget -= cost
         if self.budget < 0:
-            raise TypedDataError(TOO_LARGE, f"the document costs more than {MAX_COST} units to encode")
+            raise TypedDataError(Code.TYPED_DATA_TOO_LARGE, f"the document costs more than {MAX_COST} units to encode")
 
     def _compile(self, ftype: str, where: str) -> Spec:
         base, dims = _split_type(ftype, where)
@@ -371,7 +370,7 @@ class _Document:
     def hash_struct(self, name: str, value: Any, depth: int) -> bytes:
         """depth: the struct and array levels above this struct (0 for the primary type)."""
         if depth >= MAX_DEPTH:
-            raise TypedDataError(TOO_DEEP, f"nesting deeper than {MAX_DEPTH}")
+            raise TypedDataError(Code.TYPED_DATA_TOO_DEEP, f"nesting deeper than {MAX_DEPTH}")
         if type(value) is not dict:
             raise _bad(f"a {name} value must be a map")
         fields = self.fields[name]
@@ -390,12 +389,12 @@ class _Document:
         if spec[0] == _STRUCT:
             return self.hash_struct(spec[1], value, depth)
         if depth >= MAX_DEPTH:
-            raise TypedDataError(TOO_DEEP, f"nesting deeper than {MAX_DEPTH}")
+            raise TypedDataError(Code.TYPED_DATA_TOO_DEEP, f"nesting deeper than {MAX_DEPTH}")
         if type(value) is not list:
             raise _bad("an array value must be a list")
         n = len(value)
         if n > MAX_ARRAY:
-            raise TypedDataError(TOO_LARGE, f"an array longer than {MAX_ARRAY}")
+            raise TypedDataError(Code.TYPED_DATA_TOO_LARGE, f"an array longer than {MAX_ARRAY}")
         if spec[1] >= 0 and n != spec[1]:
             raise _bad(f"an array of {n} elements where the type says {spec[1]}")
         self.charge(COST_HASH + COST_VALUE * n)
@@ -416,18 +415,18 @@ class _Document:
         if type(value) is not str:
             raise _bad("a string value must be a string")
         if len(value) > MAX_DYNAMIC_BYTES:  # a character is at least one byte: refused before encoding
-            raise TypedDataError(TOO_LARGE, f"a string longer than {MAX_DYNAMIC_BYTES} bytes")
+            raise TypedDataError(Code.TYPED_DATA_TOO_LARGE, f"a string longer than {MAX_DYNAMIC_BYTES} bytes")
         self.charge(len(value) // COST_BYTES)  # what encoding it costs, before it is encoded
         try:
             data = value.encode()
         except UnicodeEncodeError:
             raise _bad("a string value is not valid Unicode") from None
         if len(data) > MAX_DYNAMIC_BYTES:
-            raise TypedDataError(TOO_LARGE, f"a string longer than {MAX_DYNAMIC_BYTES} bytes")
+            raise TypedDataError(Code.TYPED_DATA_TOO_LARGE, f"a string longer than {MAX_DYNAMIC_BYTES} bytes")
         return self._hash_dynamic(data)
 
     def _encode_bytes(self, value: Any) -> bytes:
-        return self._hash_dynamic(_as_bytes(value, "bytes", MAX_DYNAMIC_BYTES, TOO_LARGE))
+        return self._hash_dynamic(_as_bytes(value, "bytes", MAX_DYNAMIC_BYTES, Code.TYPED_DATA_TOO_LARGE))
 
 
 def _parts(doc: Any) -> tuple[Any, dict[str, Any]]:

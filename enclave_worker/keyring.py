@@ -17,6 +17,9 @@ from typing import Any
 import msgpack
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from schemas.names import NAME_RULE, valid_name
+from schemas.refusals import Code, Refused
+
 RECORD_VERSION = 1
 
 
@@ -125,14 +128,16 @@ def unseal(dek: AESGCM, sealed: SealedKey) -> bytes:
     return dek.decrypt(sealed.nonce, sealed.ciphertext, sealed.aad())
 
 
-class RecordError(ValueError):
-    """A keyring or key record from the host that is not well-formed."""
+class RecordError(Refused, ValueError):
+    """A keyring or key record from the host that is not well-formed: always ``invalid_record``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Code.INVALID_RECORD, message)
 
 
 _ENVELOPE_FIELDS = frozenset({"v", "keyring_id", "kms_key_id", "dek_version", "encrypted_dek", "created_ms"})
 _SEALED_FIELDS = frozenset({"v", "key_id", "keyring_id", "dek_version", "scheme", "public_key", "address", "nonce",
                             "ciphertext", "created_ms", "policy"})  # fmt: skip
-NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
 MAX_POLICY_DEPTH = 6
@@ -166,11 +171,6 @@ def policy_shape_ok(policy: Any) -> bool:
         return False
 
 
-def valid_name(value: Any) -> bool:
-    """Keyring names and key ids: 1-64 letters, digits, '-' or '_'."""
-    return type(value) is str and 1 <= len(value) <= 64 and set(value) <= NAME_CHARS
-
-
 def _record(m: Any, fields: frozenset[str]) -> dict[str, Any]:
     if type(m) is not dict:
         raise RecordError("a record must be a map")
@@ -184,7 +184,7 @@ def _record(m: Any, fields: frozenset[str]) -> dict[str, Any]:
 def _name(m: dict[str, Any], field: str) -> str:
     value = m.get(field)
     if not valid_name(value):
-        raise RecordError(f"{field} must be 1-64 letters, digits, '-' or '_'")
+        raise RecordError(f"{field} must be {NAME_RULE}")
     return str(value)
 
 

@@ -29,8 +29,8 @@ from schemas.operations import (
     SIGNED_OPS,
     receipt_body,
 )
+from schemas.refusals import Code, Refused
 
-from .refusals import Refusal
 from .trust import EnclaveConfig
 
 MAX_APPROVALS = 32
@@ -64,43 +64,43 @@ class OperationVerifier:
         self._nonces: OrderedDict[bytes, int] = OrderedDict()  # nonce -> expires_ms
 
     def verify(self, op: str, args: Any) -> Operation:
-        """Check an operation frame's `args` ({operation: bytes, approvals: [...]}); raise Refusal."""
+        """Check an operation frame's `args` ({operation: bytes, approvals: [...]}); raise Refused."""
         if type(args) is not dict:
-            raise Refusal("invalid_argument", "key operation args must be a map")
+            raise Refused(Code.INVALID_ARGUMENT, "key operation args must be a map")
         raw, approvals = args.get("operation"), args.get("approvals")
         if type(raw) is not bytes or not 1 <= len(raw) <= MAX_OPERATION_BYTES:
-            raise Refusal("operation_unsigned", f"{op} needs an operator-signed operation (bytes)")
+            raise Refused(Code.OPERATION_UNSIGNED, f"{op} needs an operator-signed operation (bytes)")
         if type(approvals) is not list or not 1 <= len(approvals) <= MAX_APPROVALS:
-            raise Refusal("operation_unsigned", f"{op} needs 1-{MAX_APPROVALS} operator approvals")
+            raise Refused(Code.OPERATION_UNSIGNED, f"{op} needs 1-{MAX_APPROVALS} operator approvals")
         signers: set[str] = set()
         for a in approvals:
             if type(a) is not dict or type(a.get("operator")) is not str or type(a.get("sig")) is not bytes:
-                raise Refusal("operation_unsigned", "an approval is {operator: str, sig: bytes}")
+                raise Refused(Code.OPERATION_UNSIGNED, "an approval is {operator: str, sig: bytes}")
             key = self.config.operators.get(a["operator"])
             if key is None or a["operator"] in signers:
                 continue  # unknown or repeated operators do not count towards the quorum
             try:
                 key.verify(a["sig"], OPERATION_DOMAIN + raw)
             except InvalidSignature:
-                raise Refusal(
-                    "operation_bad_signature", f"operator {a['operator']!r}'s signature does not verify"
+                raise Refused(
+                    Code.OPERATION_BAD_SIGNATURE, f"operator {a['operator']!r}'s signature does not verify"
                 ) from None
             signers.add(a["operator"])
         if len(signers) < self.config.quorum:
-            raise Refusal(
-                "operation_quorum", f"{len(signers)} valid operator approval(s), {self.config.quorum} required"
+            raise Refused(
+                Code.OPERATION_QUORUM, f"{len(signers)} valid operator approval(s), {self.config.quorum} required"
             )
         body = _decode(raw)
         if body["op"] != op:
-            raise Refusal("operation_mismatch", f"the signed operation is {body['op']!r}, not {op!r}")
+            raise Refused(Code.OPERATION_MISMATCH, f"the signed operation is {body['op']!r}, not {op!r}")
         if body["enclave"] != self.identity.public_key:
-            raise Refusal("operation_wrong_enclave", "the operation was signed for another enclave process")
+            raise Refused(Code.OPERATION_WRONG_ENCLAVE, "the operation was signed for another enclave process")
         now_ms = int(time.time() * 1000)
         expires = body["expires_ms"]
         if expires <= now_ms:
-            raise Refusal("operation_expired", "the signed operation has expired")
+            raise Refused(Code.OPERATION_EXPIRED, "the signed operation has expired")
         if expires - now_ms > MAX_VALIDITY_MS:
-            raise Refusal("operation_too_long", f"an operation may be valid for at most {MAX_VALIDITY_MS // 1000}s")
+            raise Refused(Code.OPERATION_TOO_LONG, f"an operation may be valid for at most {MAX_VALIDITY_MS // 1000}s")
         self._remember(body["nonce"], expires, now_ms)
         return Operation(op, body["args"], raw, tuple(sorted(signers)))
 
@@ -108,10 +108,10 @@ class OperationVerifier:
         while self._nonces and next(iter(self._nonces.values())) <= now_ms:
             self._nonces.popitem(last=False)
         if nonce in self._nonces:
-            raise Refusal("operation_replayed", "this signed operation was already used")
+            raise Refused(Code.OPERATION_REPLAYED, "this signed operation was already used")
         if len(self._nonces) >= MAX_REMEMBERED_NONCES:
             # forgetting a live nonce would allow its replay: refuse instead, until some expire
-            raise Refusal("operation_busy", "too many live admin operations; retry in a few minutes", "error")
+            raise Refused(Code.OPERATION_BUSY, "too many live admin operations; retry in a few minutes")
         self._nonces[nonce] = expires_ms
         # kept in expiry order so the oldest-expiring nonce is evicted first
         self._nonces = OrderedDict(sorted(self._nonces.items(), key=lambda kv: kv[1]))
@@ -121,11 +121,11 @@ def _decode(raw: bytes) -> dict[str, Any]:
     try:
         body = msgpack.unpackb(raw, raw=False, max_bin_len=MAX_OPERATION_BYTES, max_str_len=MAX_OPERATION_BYTES)
     except Exception:
-        raise Refusal("invalid_argument", "the signed operation is not msgpack") from None
+        raise Refused(Code.INVALID_ARGUMENT, "the signed operation is not msgpack") from None
     if type(body) is not dict or set(body) != {"op", "enclave", "nonce", "expires_ms", "args"}:
-        raise Refusal("invalid_argument", "a signed operation is {op, enclave, nonce, expires_ms, args}")
+        raise Refused(Code.INVALID_ARGUMENT, "a signed operation is {op, enclave, nonce, expires_ms, args}")
     if body["op"] not in SIGNED_OPS or type(body["enclave"]) is not bytes or type(body["args"]) is not dict:
-        raise Refusal("invalid_argument", f"op must be one of {SIGNED_OPS}, enclave bytes, args a map")
+        raise Refused(Code.INVALID_ARGUMENT, f"op must be one of {SIGNED_OPS}, enclave bytes, args a map")
     if type(body["nonce"]) is not bytes or len(body["nonce"]) != NONCE_BYTES or type(body["expires_ms"]) is not int:
-        raise Refusal("invalid_argument", f"nonce must be {NONCE_BYTES} bytes and expires_ms an integer")
+        raise Refused(Code.INVALID_ARGUMENT, f"nonce must be {NONCE_BYTES} bytes and expires_ms an integer")
     return body

@@ -45,6 +45,7 @@ from typing import Any
 
 from schemas.errors import SchemaError
 from schemas.eth_tx import EthTx, parse_eth_tx
+from schemas.refusals import Code, Refused
 from schemas.sign_request import SCHEMES
 
 from .eip712 import TypedDataError, domain_chain_id, domain_verifying_contract
@@ -52,13 +53,6 @@ from .eip712 import TypedDataError, domain_chain_id, domain_verifying_contract
 CLIENT_SCHEMES = ("ed25519", "secp256k1")
 MAX_CLIENTS = 64
 MAX_ALLOWLIST = 1024
-
-# refusal codes (the `rejected` result's error code)
-POLICY_SCHEME = "policy_scheme"
-POLICY_CHAIN_ID = "policy_chain_id"
-POLICY_DESTINATION = "policy_destination"
-POLICY_VALUE_CAP = "policy_value_cap"
-POLICY_VERIFYING_CONTRACT = "policy_verifying_contract"
 
 # the schemes each limit can be checked on
 LIMIT_SCHEMES: dict[str, frozenset[str]] = {
@@ -71,16 +65,15 @@ _FIELDS = {"schemes", *LIMIT_SCHEMES, "require_auth", "clients"}
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 
 
-class PolicyError(ValueError):
-    """A policy document that cannot be accepted (at key creation)."""
+class PolicyError(Refused, ValueError):
+    """A policy document that cannot be accepted: always ``invalid_policy``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Code.INVALID_POLICY, message)
 
 
-class PolicyViolation(Exception):
-    """A request the key's policy refuses; ``code`` goes into the `rejected` result."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code, self.message = code, message
+class PolicyViolation(Refused):
+    """A request the key's policy refuses (a ``policy_*`` code, a `rejected` result)."""
 
 
 @dataclass(frozen=True)
@@ -122,9 +115,9 @@ class KeyPolicy:
         EIP-712 digest (a refused document is then never parsed in full)."""
         if scheme not in self.allowed:
             if self.schemes is not None:
-                raise PolicyViolation(POLICY_SCHEME, f"this key may not sign {scheme}")
+                raise PolicyViolation(Code.POLICY_SCHEME, f"this key may not sign {scheme}")
             unchecked = [n for n in self.limits if scheme not in LIMIT_SCHEMES[n]]
-            raise PolicyViolation(POLICY_SCHEME, f"this key's policy sets {', '.join(unchecked)}, which cannot be "
+            raise PolicyViolation(Code.POLICY_SCHEME, f"this key's policy sets {', '.join(unchecked)}, which cannot be "
                                   f"checked on {scheme}: it signs {scheme} only if its schemes name it")  # fmt: skip
         if scheme == "eth_tx":
             self._check_tx(payload, tx)
@@ -138,14 +131,14 @@ class KeyPolicy:
             try:
                 tx = parse_eth_tx(payload)
             except SchemaError as exc:
-                raise PolicyViolation(exc.code, exc.message) from None
+                raise PolicyViolation(exc.code, exc.message) from None  # its own code (invalid_payload)
         if self.chain_ids is not None and tx.chain_id not in self.chain_ids:
-            raise PolicyViolation(POLICY_CHAIN_ID, f"chain {tx.chain_id} is not allowed for this key")
+            raise PolicyViolation(Code.POLICY_CHAIN_ID, f"chain {tx.chain_id} is not allowed for this key")
         if self.to_allowlist is not None and tx.to not in self.to_allowlist:
             what = "contract creation" if not tx.to else f"destination 0x{tx.to.hex()}"
-            raise PolicyViolation(POLICY_DESTINATION, f"{what} is not on this key's allow-list")
+            raise PolicyViolation(Code.POLICY_DESTINATION, f"{what} is not on this key's allow-list")
         if self.max_value is not None and tx.value > self.max_value:
-            raise PolicyViolation(POLICY_VALUE_CAP, f"value {tx.value} exceeds this key's cap {self.max_value}")
+            raise PolicyViolation(Code.POLICY_VALUE_CAP, f"value {tx.value} exceeds this key's cap {self.max_value}")
 
     def _check_typed_data(self, payload: Any) -> None:
         if self.chain_ids is not None:
@@ -153,18 +146,18 @@ class KeyPolicy:
                 chain = domain_chain_id(payload)
             except TypedDataError as exc:
                 message = f"typed data must name an allowed chain: {exc.message}"
-                raise PolicyViolation(POLICY_CHAIN_ID, message) from None
+                raise PolicyViolation(Code.POLICY_CHAIN_ID, message) from None
             if chain not in self.chain_ids:
-                raise PolicyViolation(POLICY_CHAIN_ID, f"the typed data's domain chainId {chain} is not allowed")
+                raise PolicyViolation(Code.POLICY_CHAIN_ID, f"the typed data's domain chainId {chain} is not allowed")
         if self.typed_data_contracts is not None:
             try:
                 contract = domain_verifying_contract(payload)
             except TypedDataError as exc:
                 message = f"typed data must name an allowed contract: {exc.message}"
-                raise PolicyViolation(POLICY_VERIFYING_CONTRACT, message) from None
+                raise PolicyViolation(Code.POLICY_VERIFYING_CONTRACT, message) from None
             if contract not in self.typed_data_contracts:
                 message = f"verifyingContract 0x{contract.hex()} is not on this key's allow-list"
-                raise PolicyViolation(POLICY_VERIFYING_CONTRACT, message)
+                raise PolicyViolation(Code.POLICY_VERIFYING_CONTRACT, message)
 
 
 def parse_policy(raw: Any) -> KeyPolicy | None:

@@ -18,12 +18,13 @@ import msgpack
 import structlog
 
 from schemas import frames
+from schemas.names import NAME_RULE, valid_name
+from schemas.refusals import Code, Refused
 from schemas.transport import serve_channel
 
 from .auth import Authenticator
-from .keyring import KeyringEnvelope, RecordError, SealedKey, policy_shape_ok, valid_name
+from .keyring import KeyringEnvelope, SealedKey, policy_shape_ok
 from .operations import Identity, Operation, OperationVerifier
-from .refusals import Refusal
 from .service import Deferred, SigningService
 from .vault import Vault
 from .wallets import KEY_SCHEMES
@@ -168,7 +169,7 @@ class EnclaveServer:
         except frames.FrameError as exc:
             log.warning("channel_dropped", reason=exc.code, detail=str(exc))
             with contextlib.suppress(Exception):
-                await conn.send({"t": frames.ERROR, "code": exc.code, "message": str(exc)[:200]})
+                await conn.send({"t": frames.ERROR, "code": exc.code.value, "message": str(exc)[:200]})
         except ConnectionError as exc:
             log.info("channel_lost", error=type(exc).__name__)
         except asyncio.CancelledError:
@@ -187,7 +188,7 @@ class EnclaveServer:
 
     def _vault(self) -> Vault:
         if self.vault is None:
-            raise Refusal("unsupported", "this enclave worker has no vault (noop handler)", "error")
+            raise Refused(Code.UNSUPPORTED, "this enclave worker has no vault (noop handler)")
         return self.vault
 
     def _signed(self, op: str, args: Any) -> Operation:
@@ -199,20 +200,17 @@ class EnclaveServer:
         vault = self._vault()
         envs, keys = args.get("envelopes", []), args.get("keys", [])
         if type(envs) is not list or len(envs) > MAX_LOAD_ENVELOPES:
-            raise Refusal("invalid_argument", f"envelopes must be a list of at most {MAX_LOAD_ENVELOPES}", "error")
+            raise Refused(Code.INVALID_ARGUMENT, f"envelopes must be a list of at most {MAX_LOAD_ENVELOPES}")
         if type(keys) is not list or len(keys) > MAX_LOAD_KEYS:
-            raise Refusal("invalid_argument", f"keys must be a list of at most {MAX_LOAD_KEYS}", "error")
-        try:
-            envelopes = [KeyringEnvelope.from_wire(m) for m in envs]
-            sealed = [SealedKey.from_wire(m) for m in keys]
-        except RecordError as exc:
-            raise Refusal("invalid_record", str(exc), "error") from None
+            raise Refused(Code.INVALID_ARGUMENT, f"keys must be a list of at most {MAX_LOAD_KEYS}")
+        envelopes = [KeyringEnvelope.from_wire(m) for m in envs]  # a RecordError is the refusal (invalid_record)
+        sealed = [SealedKey.from_wire(m) for m in keys]
         new = sum(1 for k in sealed if k.key_id not in vault.sealed)
         if len(vault.sealed) + new > self.max_keys:
-            raise Refusal("too_many_keys", f"this enclave holds at most {self.max_keys} keys", "error")
+            raise Refused(Code.TOO_MANY_KEYS, f"this enclave holds at most {self.max_keys} keys")
         new_envs = {(e.keyring_id, e.dek_version) for e in envelopes} - vault.envelopes.keys()
         if len(vault.envelopes) + len(new_envs) > MAX_ENVELOPES:
-            raise Refusal("too_many_keys", f"this enclave holds at most {MAX_ENVELOPES} keyring versions", "error")
+            raise Refused(Code.TOO_MANY_KEYS, f"this enclave holds at most {MAX_ENVELOPES} keyring versions")
         vault.load(envelopes, sealed)
         return {"keyrings": len(vault.current), "keys": len(vault.sealed)}
 
@@ -237,9 +235,9 @@ class EnclaveServer:
         a = operation.args
         encrypted = args.get("encrypted_key")
         if type(encrypted) is not bytes or len(encrypted) != 256:
-            raise Refusal("invalid_argument", "encrypted_key must be 256 bytes (RSA-2048 OAEP)", "error")
+            raise Refused(Code.INVALID_ARGUMENT, "encrypted_key must be 256 bytes (RSA-2048 OAEP)")
         if a.get("encrypted_key_sha256") != hashlib.sha256(encrypted).digest():
-            raise Refusal("operation_mismatch", "encrypted_key is not the one the operators approved", "error")
+            raise Refused(Code.OPERATION_MISMATCH, "encrypted_key is not the one the operators approved")
         result = await self._vault().import_key(_name(a, "keyring"), _scheme(a), encrypted, _policy(a))
         log.info("key_imported", key_id=result["key"]["key_id"], keyring=result["key"]["keyring"],
                  operators=operation.approved_by)  # fmt: skip
@@ -256,7 +254,7 @@ class EnclaveServer:
         vault = self._vault()
         nonce = args.get("nonce")
         if type(nonce) is not bytes or not 16 <= len(nonce) <= 64:
-            raise Refusal("invalid_argument", "keys.list needs a 16-64 byte nonce", "error")
+            raise Refused(Code.INVALID_ARGUMENT, "keys.list needs a 16-64 byte nonce")
         keys = await vault.authenticated_keys(time.monotonic() + vault.settings.unwrap_timeout_s, MAX_LIST_KEYS)
         receipt = self.identity.receipt("keys.list", nonce, {"keys": keys})
         return {"keys": [_public(k) for k in keys], "receipt": receipt}
@@ -265,8 +263,8 @@ class EnclaveServer:
         vault = self._vault()
         ak, sk, token = args.get("access_key_id"), args.get("secret_access_key"), args.get("session_token")
         if not (_short_str(ak) and _short_str(sk) and (token is None or _short_str(token, 4096))):
-            raise Refusal("invalid_argument", "kms.credentials needs access_key_id, secret_access_key (and optional "
-                          "session_token) as strings", "error")  # fmt: skip
+            raise Refused(Code.INVALID_ARGUMENT, "kms.credentials needs access_key_id, secret_access_key (and optional "
+                          "session_token) as strings")  # fmt: skip
         # credentials only sign requests: the KMS endpoint and key ARNs come from the measured configuration
         vault.kms.set_credentials(str(ak), str(sk), token)
         log.info("kms_credentials_updated", access_key_id=str(ak)[:4] + "...")
@@ -318,11 +316,11 @@ class _Connection:
             if type(items) is not list or not all(
                 type(i) is list and len(i) == 2 and type(i[0]) is int and type(i[1]) is bytes for i in items
             ):
-                raise frames.FrameError("corrupt_frame", "sign frame items must be [[int, bytes], ...]")
+                raise frames.FrameError(Code.CORRUPT_FRAME, "sign frame items must be [[int, bytes], ...]")
             self.outstanding += len(items)
             if self.outstanding > self.server.credits:
                 raise frames.FrameError(
-                    "credits_exceeded", f"{self.outstanding} requests outstanding, {self.server.credits} granted"
+                    Code.CREDITS_EXCEEDED, f"{self.outstanding} requests outstanding, {self.server.credits} granted"
                 )
             service = self.server.service
             if service is None:
@@ -336,7 +334,8 @@ class _Connection:
                 self.deferred_bytes += held
                 if self.deferred_bytes > MAX_DEFERRED_BYTES:
                     raise frames.FrameError(
-                        "deferred_bytes_exceeded", f"more than {MAX_DEFERRED_BYTES} request bytes waiting for keyrings"
+                        Code.DEFERRED_BYTES_EXCEEDED,
+                        f"more than {MAX_DEFERRED_BYTES} request bytes waiting for keyrings",
                     )
                 self.spawn(self._finish_deferred(service, deferred, held))
         elif t == frames.PING:
@@ -345,11 +344,13 @@ class _Connection:
                              "stats": self.server.stats()})  # fmt: skip
         elif t == frames.KEY_OP:
             if self.key_ops >= MAX_KEY_OPS_IN_FLIGHT:
-                raise frames.FrameError("too_many_key_ops", f"more than {MAX_KEY_OPS_IN_FLIGHT} key operations at once")
+                raise frames.FrameError(
+                    Code.TOO_MANY_KEY_OPS, f"more than {MAX_KEY_OPS_IN_FLIGHT} key operations at once"
+                )
             self.key_ops += 1
             self.spawn(self._key_op(body))
         else:
-            raise frames.FrameError("unknown_frame", f"unexpected frame type {t[:32]!r}")
+            raise frames.FrameError(Code.UNKNOWN_FRAME, f"unexpected frame type {t[:32]!r}")
 
     async def _finish_deferred(self, service: SigningService, deferred: list[Deferred], held: int) -> None:
         try:
@@ -365,15 +366,15 @@ class _Connection:
         try:
             handler = self.server.key_ops.get(op) if type(op) is str else None
             if handler is None:
-                raise Refusal("unknown_op", f"unknown op {str(op)[:40]!r}", "error")
+                raise Refused(Code.UNKNOWN_OP, f"unknown op {str(op)[:40]!r}")
             if type(args) is not dict:
-                raise Refusal("invalid_argument", "args must be a map", "error")
+                raise Refused(Code.INVALID_ARGUMENT, "args must be a map")
             reply.update(ok=True, result=await handler(args))
-        except Refusal as exc:
+        except Refused as exc:
             reply.update(ok=False, error=exc.to_wire())
         except Exception as exc:  # never a silent drop: every operation gets a typed reply
             log.warning("key_op_failed", op=str(op)[:40], error=type(exc).__name__)
-            reply.update(ok=False, error={"code": "internal", "message": f"enclave failed: {type(exc).__name__}"})
+            reply.update(ok=False, error=Refused(Code.INTERNAL, f"enclave failed: {type(exc).__name__}").to_wire())
         finally:
             self.key_ops -= 1
         await self.send(reply)
@@ -382,22 +383,21 @@ class _Connection:
 def _name(args: dict[str, Any], field: str) -> str:
     value = args.get(field)
     if not valid_name(value):
-        raise Refusal("invalid_argument", f"{field} must be 1-64 letters, digits, '-' or '_'", "error")
+        raise Refused(Code.INVALID_ARGUMENT, f"{field} must be {NAME_RULE}")
     return str(value)
 
 
 def _scheme(args: dict[str, Any]) -> str:
     scheme = args.get("scheme")
     if scheme not in KEY_SCHEMES:
-        raise Refusal("invalid_argument", f"unknown key scheme {str(scheme)[:20]!r}, expected one of {KEY_SCHEMES}",
-                      "error")  # fmt: skip
+        raise Refused(Code.INVALID_ARGUMENT, f"unknown key scheme {str(scheme)[:20]!r}, expected one of {KEY_SCHEMES}")
     return str(scheme)
 
 
 def _policy(args: dict[str, Any]) -> dict[str, Any] | None:
     policy = args.get("policy")
     if policy is not None and not policy_shape_ok(policy):
-        raise Refusal("invalid_policy", "a policy must be a small map (see the key policy documentation)", "error")
+        raise Refused(Code.INVALID_POLICY, "a policy must be a small map (see the key policy documentation)")
     return policy
 
 

@@ -18,22 +18,13 @@ from typing import Any
 
 from schemas.errors import SchemaError
 from schemas.eth_tx import EthTx, parse_eth_tx
+from schemas.refusals import Code, Refused
 from schemas.sign_request import SignRequest, decode_sign_request
-from schemas.sign_result import (
-    DEADLINE_PASSED,
-    INTERNAL,
-    SCHEME_MISMATCH,
-    SENDER_MISMATCH,
-    UNKNOWN_KEY,
-    UNSUPPORTED_SCHEME,
-    SignResult,
-)
+from schemas.sign_result import SignResult
 
 from . import signers
-from .auth import Authenticator, AuthFailure
-from .eip712 import TypedDataError, typed_data_digest
-from .policy import PolicyViolation
-from .refusals import Refusal
+from .auth import Authenticator
+from .eip712 import typed_data_digest
 from .vault import OpenedKey, Vault
 from .wallets import Wallet
 
@@ -105,7 +96,7 @@ class SigningService:
                     continue
                 assert isinstance(outcome, SignResult)
                 result = outcome
-            except Refusal as exc:
+            except Refused as exc:
                 result = self._refused(prepared, exc)
             except Exception as exc:  # one bad item never takes down the batch or the loop
                 result = self._internal(prepared, exc)
@@ -138,7 +129,7 @@ class SigningService:
                         )
                     else:
                         outcome = again
-                except Refusal as exc:
+                except Refused as exc:
                     outcome = self._refused(prepared, exc)
                 except Exception as exc:
                     outcome = self._internal(prepared, exc)
@@ -158,25 +149,27 @@ class SigningService:
         return wire
 
     @staticmethod
-    def _refused(prepared: Prepared | None, exc: Refusal) -> SignResult:
+    def _refused(prepared: Prepared | None, exc: Refused) -> SignResult:
         rid, kid = (prepared.req.request_id, prepared.req.key_id) if prepared is not None else ("", "")
-        return SignResult.failure(rid, kid, exc.status, exc.code, exc.message)
+        if exc.status is None:  # a refusal that is no result's (a key management code): a bug here
+            return SignResult.failure(rid, kid, Code.INTERNAL, f"enclave failed: {type(exc).__name__}")
+        return SignResult.refused(rid, kid, exc)
 
     @staticmethod
     def _internal(prepared: Prepared | None, exc: Exception) -> SignResult:
         rid, kid = (prepared.req.request_id, prepared.req.key_id) if prepared is not None else ("", "")
-        return SignResult.failure(rid, kid, "error", INTERNAL, f"enclave failed: {type(exc).__name__}")
+        return SignResult.failure(rid, kid, Code.INTERNAL, f"enclave failed: {type(exc).__name__}")
 
     def _prepare(self, raw: Any, now_ms: int) -> SignResult | Prepared:
         """Decode and check what needs no key: the deadline, that the key exists, the transaction."""
         try:
             req = decode_sign_request(raw)
         except SchemaError as exc:
-            return SignResult.failure(exc.request_id or "", "", "error", exc.code, exc.message)
+            return SignResult.refused(exc.request_id or "", "", exc)
         if req.deadline_ms is not None and req.deadline_ms <= now_ms:
             return _expired(req)
         if req.key_id not in self.vault.sealed:
-            return SignResult.failure(req.request_id, req.key_id, "error", UNKNOWN_KEY, "no such key in this enclave")
+            return SignResult.failure(req.request_id, req.key_id, Code.UNKNOWN_KEY, "no such key in this enclave")
         prepared = Prepared(req)
         if req.scheme == "eth_tx":
             prepared.tx = req.parsed or parse_eth_tx(req.payload, req.request_id)
@@ -184,25 +177,18 @@ class SigningService:
 
     def _authorize(self, prepared: Prepared, key: OpenedKey) -> dict[str, Any] | None:
         """Scheme, policy and authentication against the opened key, then (only then) the typed-data
-        digest. Raises Refusal; returns a redelivery's earlier result, or None to sign."""
+        digest. Raises Refused (the policy's, authentication's and the EIP-712 parser's refusals
+        included); returns a redelivery's earlier result, or None to sign."""
         req = prepared.req
         if _KEY_SCHEMES[req.scheme] != key.record.scheme:
-            raise Refusal(SCHEME_MISMATCH, f"a {key.record.scheme} key cannot sign {req.scheme}")
-        try:
-            if key.policy is not None:
-                key.policy.check(req.scheme, req.payload, prepared.tx)
-            prepared.auth_entry = self.auth.verify(req, key.policy)
-        except (PolicyViolation, AuthFailure) as exc:
-            raise Refusal(exc.code, exc.message) from None
+            raise Refused(Code.SCHEME_MISMATCH, f"a {key.record.scheme} key cannot sign {req.scheme}")
+        if key.policy is not None:
+            key.policy.check(req.scheme, req.payload, prepared.tx)
+        prepared.auth_entry = self.auth.verify(req, key.policy)
         if prepared.auth_entry is not None and prepared.auth_entry.result is not None:
             return dict(prepared.auth_entry.result)  # a redelivery: the same result as the first time
         if req.scheme == "eth_typed_data":
-            try:
-                prepared.typed_digest = typed_data_digest(req.payload)
-            except TypedDataError as exc:
-                raise Refusal(
-                    exc.code, exc.message, "error" if exc.code == "invalid_typed_data" else "rejected"
-                ) from None
+            prepared.typed_digest = typed_data_digest(req.payload)
         return None
 
     def _sign_with(self, prepared: Prepared, key: OpenedKey) -> SignResult | dict[str, Any]:
@@ -225,21 +211,17 @@ class SigningService:
         elif req.scheme == "eth_tx":
             tx = prepared.tx or parse_eth_tx(req.payload, req.request_id)
             if tx.sender is not None and "0x" + tx.sender.hex() != (wallet.address or "").lower():
-                return SignResult.failure(
-                    req.request_id, req.key_id, "rejected", SENDER_MISMATCH,
-                    "the transaction's 'from' is not this key's address",
-                )  # fmt: skip
+                why = "the transaction's 'from' is not this key's address"
+                return SignResult.failure(req.request_id, req.key_id, Code.SENDER_MISMATCH, why)
             signed = signers.sign_eth_tx(wallet.private, tx)
             ok.signature, ok.raw_tx, ok.tx_hash = signed.signature, signed.raw_tx, signed.tx_hash
         elif req.scheme == "ed25519":
             ok.signature = signers.sign_ed25519(wallet.private, req.payload)
         else:
-            return SignResult.failure(
-                req.request_id, req.key_id, "error", UNSUPPORTED_SCHEME,
-                f"{req.scheme} is not implemented by this enclave version",
-            )  # fmt: skip
+            why = f"{req.scheme} is not implemented by this enclave version"
+            return SignResult.failure(req.request_id, req.key_id, Code.UNSUPPORTED_SCHEME, why)
         return ok
 
 
 def _expired(req: SignRequest) -> SignResult:
-    return SignResult.failure(req.request_id, req.key_id, "expired", DEADLINE_PASSED, "deadline passed before signing")
+    return SignResult.failure(req.request_id, req.key_id, Code.DEADLINE_PASSED, "deadline passed before signing")

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from schemas.operations import identity_user_data, import_label, policy_digest
+from schemas.refusals import Code, Refused
 
 from .attestation import AttestationProvider
 from .cms import CmsError, open_enveloped_data
@@ -37,17 +38,12 @@ from .datakeys import CachedDataKey, DataKeyCache
 from .keyring import KeyringEnvelope, SealedKey, seal, unseal
 from .kms import KmsClient, KmsError
 from .policy import KeyPolicy, PolicyError, parse_policy
-from .refusals import Refusal
 from .trust import EnclaveConfig
 from .wallets import Wallet, new_secret, wallet_from_secret
 
 log = structlog.get_logger("vault")
 
 UNWRAP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-# the vault's refusals are the enclave's one refusal type (kept under its old name here)
-VaultError = Refusal
 
 
 @dataclass(frozen=True)
@@ -110,8 +106,8 @@ class Vault:
         envelope under a KMS key outside the configuration is kept out altogether."""
         for env in envelopes:
             if not self.config.allows_kms_key(env.kms_key_id):
-                raise Refusal("kms_key_not_allowed", f"keyring {env.keyring_id}: its KMS key is not in this "
-                              "enclave's configuration", "error")  # fmt: skip
+                raise Refused(Code.KMS_KEY_NOT_ALLOWED, f"keyring {env.keyring_id}: its KMS key is not in this "
+                              "enclave's configuration")  # fmt: skip
         for env in envelopes:
             self.envelopes[(env.keyring_id, env.dek_version)] = env
             if env.dek_version >= self.current.get(env.keyring_id, 0):
@@ -146,32 +142,32 @@ class Vault:
         for _ in range(3):
             sealed = self.sealed.get(key_id)
             if sealed is None:
-                raise Refusal("unknown_key", "no such key in this enclave's keyrings", "error")
+                raise Refused(Code.UNKNOWN_KEY, "no such key in this enclave's keyrings")
             await self.data_key(sealed.keyring_id, sealed.dek_version, deadline)
             opened = self.hot_key(key_id)
             if opened is not None:
                 return opened
-        raise Refusal("key_unstable", "the key's record kept changing while its keyring was unwrapped", "error")
+        raise Refused(Code.KEY_UNSTABLE, "the key's record kept changing while its keyring was unwrapped")
 
     def _open(self, entry: CachedDataKey, sealed: SealedKey) -> OpenedKey:
         try:
             secret = bytearray(unseal(entry.aead, sealed))
         except InvalidTag:
-            raise Refusal("sealed_key_invalid", "the sealed key does not open with its keyring's data key",
-                          "error") from None  # fmt: skip
+            raise Refused(Code.SEALED_KEY_INVALID, "the sealed key does not open with its keyring's data key") from None
         try:
             wallet = wallet_from_secret(sealed.key_id, sealed.scheme, bytes(secret))
         except ValueError:
-            raise Refusal("sealed_key_invalid", "the sealed key does not hold a valid private key", "error") from None
+            raise Refused(Code.SEALED_KEY_INVALID, "the sealed key does not hold a valid private key") from None
         finally:
             secret[:] = bytes(len(secret))
         # the address is not part of the sealed record's associated data: it must be the wallet's own
         if wallet.public_key != sealed.public_key or wallet.address != sealed.address:
-            raise Refusal("sealed_key_invalid", "the record's public key or address is not the key's", "error")
+            raise Refused(Code.SEALED_KEY_INVALID, "the record's public key or address is not the key's")
         try:
             policy = parse_policy(sealed.policy)
         except (PolicyError, TypeError, ValueError) as exc:  # e.g. sealed under looser rules: fail closed
-            raise Refusal("invalid_policy", f"the key's sealed policy is not accepted: {exc}", "error") from None
+            detail = exc.message if isinstance(exc, PolicyError) else str(exc)
+            raise Refused(Code.INVALID_POLICY, f"the key's sealed policy is not accepted: {detail}") from None
         opened = OpenedKey(sealed, wallet, policy)
         entry.wallets[sealed.key_id] = opened
         return opened
@@ -190,12 +186,12 @@ class Vault:
             self.stats["unwrap_joined"] += 1
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise Refusal("deadline_passed", "deadline passed while waiting for the keyring", "expired")
+            raise Refused(Code.DEADLINE_PASSED, "deadline passed while waiting for the keyring")
         try:
             async with asyncio.timeout(remaining):
                 return await asyncio.shield(task)
         except TimeoutError:
-            raise Refusal("deadline_passed", "deadline passed while the keyring was unwrapped", "expired") from None
+            raise Refused(Code.DEADLINE_PASSED, "deadline passed while the keyring was unwrapped") from None
 
     def _unwrap_done(self, task: asyncio.Task[CachedDataKey]) -> None:
         for slot, t in list(self._inflight.items()):
@@ -207,10 +203,9 @@ class Vault:
     async def _unwrap(self, slot: tuple[str, int]) -> CachedDataKey:
         env = self.envelopes.get(slot)
         if env is None:
-            raise Refusal("unknown_keyring", f"keyring {slot[0]} v{slot[1]} is not loaded", "error")
+            raise Refused(Code.UNKNOWN_KEYRING, f"keyring {slot[0]} v{slot[1]} is not loaded")
         if not self.config.allows_kms_key(env.kms_key_id):  # load() keeps them out; checked again here
-            raise Refusal("kms_key_not_allowed", "the keyring's KMS key is not in this enclave's configuration",
-                          "error")  # fmt: skip
+            raise Refused(Code.KMS_KEY_NOT_ALLOWED, "the keyring's KMS key is not in this enclave's configuration")
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.settings.max_concurrent_unwraps)
         async with self._sem:
@@ -240,18 +235,17 @@ class Vault:
     @staticmethod
     def _check_answered_by(answered_by: str | None, wanted: str) -> None:
         if answered_by != wanted:
-            raise Refusal("kms_protocol", f"KMS answered for key {str(answered_by)[:120]!r}, not the one asked for",
-                          "error")  # fmt: skip
+            raise Refused(Code.KMS_PROTOCOL, f"KMS answered for key {str(answered_by)[:120]!r}, not the one asked for")
 
     def _open_cms(self, cms: bytes | None) -> bytes:
         if cms is None:
-            raise Refusal("kms_protocol", "KMS returned no CiphertextForRecipient", "error")
+            raise Refused(Code.KMS_PROTOCOL, "KMS returned no CiphertextForRecipient")
         try:
             dek = open_enveloped_data(cms, self._recipient_rsa)
         except CmsError as exc:
-            raise Refusal("kms_protocol", f"CiphertextForRecipient does not open: {exc}", "error") from None
+            raise Refused(Code.KMS_PROTOCOL, f"CiphertextForRecipient does not open: {exc}") from None
         if len(dek) != 32:
-            raise Refusal("kms_protocol", "the data key is not 32 bytes", "error")
+            raise Refused(Code.KMS_PROTOCOL, "the data key is not 32 bytes")
         return dek
 
     def recipient(self) -> dict[str, str]:
@@ -284,10 +278,7 @@ class Vault:
         self, keyring_id: str, scheme: str, secret: bytearray, policy: dict[str, Any] | None
     ) -> dict[str, Any]:
         try:
-            try:
-                parse_policy(policy)
-            except PolicyError as exc:
-                raise Refusal("invalid_policy", str(exc), "error") from None
+            parse_policy(policy)  # a PolicyError is the refusal (invalid_policy)
             async with self._lock(keyring_id):
                 new_env = None
                 version = self.current.get(keyring_id)
@@ -338,16 +329,16 @@ class Vault:
         try:
             secret = bytearray(self._import_rsa.decrypt(encrypted_key, oaep))
         except ValueError:
-            raise Refusal("import_undecryptable", "the key is not encrypted to this enclave's import key for this "
-                          "keyring, scheme and policy", "error") from None  # fmt: skip
+            raise Refused(Code.IMPORT_UNDECRYPTABLE, "the key is not encrypted to this enclave's import key for this "
+                          "keyring, scheme and policy") from None  # fmt: skip
         if len(secret) != 32:
             secret[:] = bytes(len(secret))
-            raise Refusal("invalid_argument", "an imported private key is 32 bytes", "error")
+            raise Refused(Code.INVALID_ARGUMENT, "an imported private key is 32 bytes")
         try:
             wallet_from_secret("import", scheme, bytes(secret))
         except ValueError:
             secret[:] = bytes(len(secret))
-            raise Refusal("invalid_argument", f"not a valid {scheme} private key", "error") from None
+            raise Refused(Code.INVALID_ARGUMENT, f"not a valid {scheme} private key") from None
         return await self._add_key(keyring_id, scheme, secret, policy)
 
     async def rotate_dek(self, keyring_id: str) -> dict[str, Any]:
@@ -356,7 +347,7 @@ class Vault:
         async with self._lock(keyring_id):
             version = self.current.get(keyring_id)
             if version is None:
-                raise Refusal("unknown_keyring", f"no keyring {keyring_id!r}", "error")
+                raise Refused(Code.UNKNOWN_KEYRING, f"no keyring {keyring_id!r}")
             old_entry = await self.data_key(keyring_id, version, time.monotonic() + self.settings.unwrap_timeout_s)
             members = [k for k in self.sealed.values() if k.keyring_id == keyring_id and k.dek_version == version]
             opened = [self._open(old_entry, k) for k in members]  # every record authenticated first
@@ -406,11 +397,11 @@ def _spki(key: rsa.RSAPrivateKey) -> bytes:
     return key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 
-def _kms_failure(exc: KmsError) -> Refusal:
+def _kms_failure(exc: KmsError) -> Refused:
     if exc.code == "AccessDeniedException":
-        return Refusal("kms_access_denied", "KMS refused the data key to this enclave image", "error")
+        return Refused(Code.KMS_ACCESS_DENIED, "KMS refused the data key to this enclave image")
     if exc.code == "ThrottlingException":
-        return Refusal("kms_throttled", "KMS kept throttling until the deadline", "error")
+        return Refused(Code.KMS_THROTTLED, "KMS kept throttling until the deadline")
     if exc.code == "TransportError":
-        return Refusal("kms_unavailable", exc.message, "error")
-    return Refusal("kms_error", f"{exc.code}: {exc.message}"[:200], "error")
+        return Refused(Code.KMS_UNAVAILABLE, exc.message)
+    return Refused(Code.KMS_ERROR, f"{exc.code}: {exc.message}"[:200])

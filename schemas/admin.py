@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from .errors import INVALID_VALUE, SchemaError
+from .errors import SchemaError
+from .names import NAME_RULE, valid_name
+from .refusals import Code
 from .sign_request import unpack_map
 from .validate import as_int, as_str, require
 
-_KEYRING = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 OPS = ("enclave.identity", "keys.create", "keys.list", "keys.import", "keys.rotate_dek")
 SIGNED = ("keys.create", "keys.import", "keys.rotate_dek")
 
@@ -22,26 +22,26 @@ def decode_admin_request(raw: bytes) -> dict[str, Any]:
     m = unpack_map(raw, 64 * 1024)
     rid = as_str(require(m, "request_id"), "request_id")
     if as_int(require(m, "v", rid), "v", rid) != 1:
-        raise SchemaError(INVALID_VALUE, "admin request version must be 1", rid)
+        raise SchemaError(Code.INVALID_VALUE, "admin request version must be 1", rid)
     op = as_str(require(m, "op", rid), "op", rid)
     if op not in OPS:
-        raise SchemaError(INVALID_VALUE, f"unknown op '{op}', expected one of {OPS}", rid)
+        raise SchemaError(Code.INVALID_VALUE, f"unknown op '{op}', expected one of {OPS}", rid)
     args = m.get("args") or {}
     if type(args) is not dict:
-        raise SchemaError(INVALID_VALUE, "'args' must be a map", rid)
+        raise SchemaError(Code.INVALID_VALUE, "'args' must be a map", rid)
     keyring = args.get("keyring")
-    if keyring is not None and (type(keyring) is not str or not _KEYRING.match(keyring)):
-        raise SchemaError(INVALID_VALUE, "'args.keyring' must be 1-64 letters, digits, '-' or '_'", rid)
+    if keyring is not None and not valid_name(keyring):
+        raise SchemaError(Code.INVALID_VALUE, f"'args.keyring' must be {NAME_RULE}", rid)
     if op in SIGNED or op == "keys.list":
         if type(args.get("enclave_id")) is not str:
-            raise SchemaError(INVALID_VALUE, "'args.enclave_id' (from enclave.identity) is required", rid)
+            raise SchemaError(Code.INVALID_VALUE, "'args.enclave_id' (from enclave.identity) is required", rid)
     if op in SIGNED:
         if type(args.get("operation")) is not bytes or type(args.get("approvals")) is not list:
-            raise SchemaError(INVALID_VALUE, f"{op} needs an operator-signed 'operation' and its 'approvals'", rid)
+            raise SchemaError(Code.INVALID_VALUE, f"{op} needs an operator-signed 'operation' and its 'approvals'", rid)
     if op == "keys.import" and type(args.get("encrypted_key")) is not bytes:
-        raise SchemaError(INVALID_VALUE, "'args.encrypted_key' must be bytes", rid)
+        raise SchemaError(Code.INVALID_VALUE, "'args.encrypted_key' must be bytes", rid)
     if op == "keys.list" and type(args.get("nonce")) is not bytes:
-        raise SchemaError(INVALID_VALUE, "'args.nonce' must be bytes", rid)
+        raise SchemaError(Code.INVALID_VALUE, "'args.nonce' must be bytes", rid)
     reply_topic = m.get("reply_topic")
     if reply_topic is not None:
         as_str(reply_topic, "reply_topic", rid, max_len=249)

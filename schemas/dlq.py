@@ -1,5 +1,5 @@
 """DLQ record: an input that could not be decoded or validated, or that was refused as a poison
-request (sign_result.POISON_REQUEST: it kept killing enclave connections), kept with its original bytes."""
+request (it kept killing enclave connections), kept with its original bytes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ VERSION = 1
 
 @dataclass(frozen=True, slots=True)
 class DlqRecord:
-    reason: str  # a SchemaError code, or "poison_request"
+    reason: str  # a catalogue code on the DLQ surface (schemas.refusals): a SchemaError's, or Code.POISON_REQUEST
     message: str
     topic: str
     partition: int
@@ -26,7 +26,7 @@ class DlqRecord:
     def to_wire(self) -> dict[str, Any]:
         m: dict[str, Any] = {
             "v": self.v,
-            "reason": self.reason,
+            "reason": str(self.reason),  # a Code is sent as its plain string
             "message": self.message,
             "topic": self.topic,
             "partition": self.partition,

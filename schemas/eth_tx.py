@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import INVALID_PAYLOAD, SchemaError
+from .errors import SchemaError
 from .keccak import to_checksum_address
+from .refusals import Code
 from .validate import as_hex_or_bytes, as_int, as_quantity
 
 MAX_CALLDATA = 128 * 1024
@@ -48,14 +49,14 @@ def _address(value: Any, name: str, rid: str | None) -> bytes:
     if type(value) is str:
         body = value[2:]
         if body != body.lower() and body != body.upper() and to_checksum_address(raw) != value:
-            raise SchemaError(INVALID_PAYLOAD, f"'{name}' fails its EIP-55 checksum", rid)
+            raise SchemaError(Code.INVALID_PAYLOAD, f"'{name}' fails its EIP-55 checksum", rid)
     return raw
 
 
 def parse_eth_tx(payload: Any, rid: str | None = None) -> EthTx:
     """Validate an ``eth_tx`` payload map and return it normalized; raise SchemaError."""
     if type(payload) is not dict:
-        raise SchemaError(INVALID_PAYLOAD, "eth_tx payload must be a map", rid)
+        raise SchemaError(Code.INVALID_PAYLOAD, "eth_tx payload must be a map", rid)
     if "type" in payload:
         tx_type = as_quantity(payload["type"], "payload.type", rid)
     elif "maxFeePerGas" in payload or "maxPriorityFeePerGas" in payload:
@@ -65,22 +66,24 @@ def parse_eth_tx(payload: Any, rid: str | None = None) -> EthTx:
     else:
         tx_type = 0
     if tx_type not in _ALLOWED:
-        raise SchemaError(INVALID_PAYLOAD, f"unsupported transaction type {tx_type}", rid)
+        raise SchemaError(Code.INVALID_PAYLOAD, f"unsupported transaction type {tx_type}", rid)
     unknown = set(payload) - _ALLOWED[tx_type]
     if unknown:
-        raise SchemaError(INVALID_PAYLOAD, f"fields not valid for a type {tx_type} transaction: {sorted(unknown)}", rid)
+        raise SchemaError(
+            Code.INVALID_PAYLOAD, f"fields not valid for a type {tx_type} transaction: {sorted(unknown)}", rid
+        )
 
     def q(name: str, default: int | None = None) -> int:
         if name not in payload:
             if default is None:
-                raise SchemaError(INVALID_PAYLOAD, f"eth_tx field '{name}' is required", rid)
+                raise SchemaError(Code.INVALID_PAYLOAD, f"eth_tx field '{name}' is required", rid)
             return default
         return as_quantity(payload[name], f"payload.{name}", rid)
 
     # a chain id is required for every type: a signature without one replays on any chain
     chain_id = q("chainId")
     if chain_id == 0:
-        raise SchemaError(INVALID_PAYLOAD, "chainId must be positive", rid)
+        raise SchemaError(Code.INVALID_PAYLOAD, "chainId must be positive", rid)
     to_raw = payload.get("to")
     to = b"" if to_raw in (None, b"", "", "0x") else _address(to_raw, "payload.to", rid)
     data = as_hex_or_bytes(payload["data"], "payload.data", rid, max_len=MAX_CALLDATA) if "data" in payload else b""
@@ -89,7 +92,7 @@ def parse_eth_tx(payload: Any, rid: str | None = None) -> EthTx:
     if tx_type == 2:
         max_fee, prio = q("maxFeePerGas"), q("maxPriorityFeePerGas")
         if prio > max_fee:
-            raise SchemaError(INVALID_PAYLOAD, "maxPriorityFeePerGas exceeds maxFeePerGas", rid)
+            raise SchemaError(Code.INVALID_PAYLOAD, "maxPriorityFeePerGas exceeds maxFeePerGas", rid)
         return EthTx(2, chain_id, q("nonce"), q("gas"), to, q("value", 0), data,
                      max_fee_per_gas=max_fee, max_priority_fee_per_gas=prio,
                      access_list=access_list, sender=sender)  # fmt: skip
@@ -99,14 +102,14 @@ def parse_eth_tx(payload: Any, rid: str | None = None) -> EthTx:
 
 def _access_list(value: Any, rid: str | None) -> tuple[tuple[bytes, tuple[bytes, ...]], ...]:
     if type(value) is not list or len(value) > MAX_ACCESS_LIST:
-        raise SchemaError(INVALID_PAYLOAD, f"accessList must be a list of at most {MAX_ACCESS_LIST}", rid)
+        raise SchemaError(Code.INVALID_PAYLOAD, f"accessList must be a list of at most {MAX_ACCESS_LIST}", rid)
     out = []
     for i, entry in enumerate(value):
         if type(entry) is not dict or set(entry) != {"address", "storageKeys"}:
-            raise SchemaError(INVALID_PAYLOAD, f"accessList[{i}] must be a map of address and storageKeys", rid)
+            raise SchemaError(Code.INVALID_PAYLOAD, f"accessList[{i}] must be a map of address and storageKeys", rid)
         keys = entry["storageKeys"]
         if type(keys) is not list or len(keys) > MAX_STORAGE_KEYS:
-            raise SchemaError(INVALID_PAYLOAD, f"accessList[{i}].storageKeys must be a list", rid)
+            raise SchemaError(Code.INVALID_PAYLOAD, f"accessList[{i}].storageKeys must be a list", rid)
         out.append(
             (
                 _address(entry["address"], f"accessList[{i}].address", rid),

@@ -14,7 +14,8 @@ Frame types:
   ``credits`` = credits returned with this batch
 - ``key_op`` / ``key_op_result``: key management, correlated by ``id``
 - ``ping`` / ``pong``: heartbeats, ``id`` echoed
-- ``error``: either way, a reason before closing: ``code``, ``message``
+- ``error``: either way, a reason before closing: ``code`` (a catalogue code on the frame
+  surface, schemas.refusals), ``message``
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 import msgpack
 
+from .refusals import Code, Refused
 from .validate import ContainerBudget, OverBudget
 
 PROTOCOL_VERSION = 1
@@ -51,18 +53,14 @@ _LEN = struct.Struct(">I")
 HEADER_BYTES = _LEN.size
 
 
-class FrameError(Exception):
+class FrameError(Refused):
     """A frame that cannot be accepted; the connection carrying it is closed."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
 
 
 def encode_frame(body: dict[str, Any], max_bytes: int = MAX_FRAME_BYTES) -> bytes:
     data = msgpack.packb(body, use_bin_type=True)
     if len(data) > max_bytes:
-        raise FrameError("frame_too_large", f"{len(data)} bytes > {max_bytes}")
+        raise FrameError(Code.FRAME_TOO_LARGE, f"{len(data)} bytes > {max_bytes}")
     return _LEN.pack(len(data)) + data
 
 
@@ -75,11 +73,11 @@ def decode_body(data: bytes, max_containers: int | None = None) -> dict[str, Any
             body = msgpack.unpackb(data, raw=False, strict_map_key=False, object_hook=budget, list_hook=budget,
                                    max_array_len=MAX_CONTAINER_LEN, max_map_len=MAX_CONTAINER_LEN)  # fmt: skip
     except OverBudget:
-        raise FrameError("frame_too_complex", f"more than {max_containers} maps and lists in one frame") from None
+        raise FrameError(Code.FRAME_TOO_COMPLEX, f"more than {max_containers} maps and lists in one frame") from None
     except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise FrameError("corrupt_frame", f"undecodable body ({type(exc).__name__})") from None
+        raise FrameError(Code.CORRUPT_FRAME, f"undecodable body ({type(exc).__name__})") from None
     if type(body) is not dict or type(body.get("t")) is not str:
-        raise FrameError("corrupt_frame", "frame body is not a map with a type")
+        raise FrameError(Code.CORRUPT_FRAME, "frame body is not a map with a type")
     return body
 
 
@@ -90,7 +88,7 @@ async def read_frame(
     head = await reader.readexactly(HEADER_BYTES)
     (size,) = _LEN.unpack(head)
     if size > max_bytes:
-        raise FrameError("frame_too_large", f"announced {size} bytes > {max_bytes}")
+        raise FrameError(Code.FRAME_TOO_LARGE, f"announced {size} bytes > {max_bytes}")
     return decode_body(await reader.readexactly(size), max_containers)
 
 

@@ -8,18 +8,9 @@ from typing import Any
 
 import msgpack
 
-from .errors import (
-    INVALID_PAYLOAD,
-    INVALID_VALUE,
-    MALFORMED,
-    NOT_A_MAP,
-    TOO_LARGE,
-    UNKNOWN_SCHEME,
-    UNSUPPORTED_VERSION,
-    WRONG_TYPE,
-    SchemaError,
-)
+from .errors import SchemaError
 from .eth_tx import parse_eth_tx
+from .refusals import Code
 from .validate import ContainerBudget, OverBudget, as_bytes, as_int, as_str, require
 
 VERSION = 1
@@ -67,20 +58,20 @@ MAX_CONTAINERS = 2_048  # maps and lists in one message (an access list of 1,000
 def unpack_map(raw: bytes, max_bytes: int) -> dict[str, Any]:
     """msgpack bytes -> a map with string keys, or SchemaError (never another exception)."""
     if type(raw) is not bytes:
-        raise SchemaError(MALFORMED, "message value is missing")
+        raise SchemaError(Code.MALFORMED, "message value is missing")
     if len(raw) > max_bytes:
-        raise SchemaError(TOO_LARGE, f"message is {len(raw)} bytes, the limit is {max_bytes}")
+        raise SchemaError(Code.TOO_LARGE, f"message is {len(raw)} bytes, the limit is {max_bytes}")
     try:
         hook = ContainerBudget(MAX_CONTAINERS)
         obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, object_hook=hook, list_hook=hook)
     except OverBudget:
-        raise SchemaError(TOO_LARGE, f"message holds more than {MAX_CONTAINERS} maps and lists") from None
+        raise SchemaError(Code.TOO_LARGE, f"message holds more than {MAX_CONTAINERS} maps and lists") from None
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.UnpackException) as exc:
-        raise SchemaError(MALFORMED, f"not a single valid msgpack object ({type(exc).__name__})") from None
+        raise SchemaError(Code.MALFORMED, f"not a single valid msgpack object ({type(exc).__name__})") from None
     except RecursionError:
-        raise SchemaError(MALFORMED, "msgpack nesting too deep") from None
+        raise SchemaError(Code.MALFORMED, "msgpack nesting too deep") from None
     if type(obj) is not dict:
-        raise SchemaError(NOT_A_MAP, "message must be a msgpack map")
+        raise SchemaError(Code.NOT_A_MAP, "message must be a msgpack map")
     return obj
 
 
@@ -94,29 +85,29 @@ def sign_request_from_map(m: dict[str, Any]) -> SignRequest:
     rid = rid_raw if type(rid_raw) is str and 0 < len(rid_raw) <= 128 else None
     v = as_int(require(m, "v", rid), "v", rid)
     if v != VERSION:
-        raise SchemaError(UNSUPPORTED_VERSION, f"version {v} is not supported (expected 1)", rid)
+        raise SchemaError(Code.UNSUPPORTED_VERSION, f"version {v} is not supported (expected 1)", rid)
     request_id = as_str(require(m, "request_id"), "request_id", max_len=128)
     key_id = as_str(require(m, "key_id", rid), "key_id", rid, max_len=128)
     scheme = require(m, "scheme", rid)
     if type(scheme) is not str:
-        raise SchemaError(WRONG_TYPE, "'scheme' must be a string", rid)
+        raise SchemaError(Code.WRONG_TYPE, "'scheme' must be a string", rid)
     if scheme not in SCHEMES:
-        raise SchemaError(UNKNOWN_SCHEME, f"scheme '{scheme[:40]}' is not one of {SCHEMES}", rid)
+        raise SchemaError(Code.UNKNOWN_SCHEME, f"scheme '{scheme[:40]}' is not one of {SCHEMES}", rid)
     payload = require(m, "payload", rid)
     parsed = validate_payload(scheme, payload, rid)
     deadline = m.get("deadline_ms")
     if deadline is not None:
         deadline = as_int(deadline, "deadline_ms", rid)
         if deadline < 0:
-            raise SchemaError(INVALID_VALUE, "'deadline_ms' must be a unix epoch in ms", rid)
+            raise SchemaError(Code.INVALID_VALUE, "'deadline_ms' must be a unix epoch in ms", rid)
     reply_topic = m.get("reply_topic")
     if reply_topic is not None:
         reply_topic = as_str(reply_topic, "reply_topic", rid, max_len=249)
         if not _TOPIC.match(reply_topic):
-            raise SchemaError(INVALID_VALUE, "'reply_topic' is not a valid Kafka topic name", rid)
+            raise SchemaError(Code.INVALID_VALUE, "'reply_topic' is not a valid Kafka topic name", rid)
     auth = m.get("auth")
     if auth is not None and type(auth) is not dict:
-        raise SchemaError(WRONG_TYPE, "'auth' must be a map", rid)
+        raise SchemaError(Code.WRONG_TYPE, "'auth' must be a map", rid)
     return SignRequest(request_id, key_id, scheme, payload, deadline, reply_topic, auth, parsed=parsed)
 
 
@@ -126,7 +117,7 @@ def validate_payload(scheme: str, payload: Any, rid: str | None) -> Any:
     if scheme == "secp256k1_digest":
         digest = as_bytes(payload, "payload", rid, max_len=32)
         if len(digest) != 32:
-            raise SchemaError(INVALID_PAYLOAD, "secp256k1_digest payload must be 32 bytes", rid)
+            raise SchemaError(Code.INVALID_PAYLOAD, "secp256k1_digest payload must be 32 bytes", rid)
     elif scheme in ("eth_personal", "ed25519"):
         as_bytes(payload, "payload", rid, max_len=MAX_MESSAGE_BYTES)
     elif scheme == "eth_tx":
@@ -134,7 +125,7 @@ def validate_payload(scheme: str, payload: Any, rid: str | None) -> Any:
     elif scheme == "eth_typed_data":
         if type(payload) is not dict or not {"types", "primaryType", "domain", "message"} <= set(payload):
             raise SchemaError(
-                INVALID_PAYLOAD,
+                Code.INVALID_PAYLOAD,
                 "eth_typed_data payload must be a map with types, primaryType, domain, message",
                 rid,
             )

@@ -7,20 +7,12 @@ from typing import Any
 
 import msgpack
 
+from .refusals import RESULT_STATUSES, Code, Refused
 from .sign_request import unpack_map
 from .validate import as_str, require
 
 VERSION = 1
-STATUSES = ("ok", "rejected", "error", "expired")
-
-# result error codes (documented in schemas/README.md)
-UNKNOWN_KEY = "unknown_key"
-SCHEME_MISMATCH = "scheme_mismatch"
-UNSUPPORTED_SCHEME = "unsupported_scheme"
-DEADLINE_PASSED = "deadline_passed"
-SENDER_MISMATCH = "sender_mismatch"
-INTERNAL = "internal"
-POISON_REQUEST = "poison_request"  # the host refused it: it was in flight on too many lost enclave connections
+STATUSES = ("ok", *RESULT_STATUSES)
 
 
 @dataclass(slots=True)
@@ -37,8 +29,15 @@ class SignResult:
     v: int = VERSION
 
     @classmethod
-    def failure(cls, request_id: str, key_id: str, status: str, code: str, message: str, **kw: Any) -> SignResult:
-        return cls(request_id, key_id, status, error={"code": code, "message": message}, **kw)
+    def failure(cls, request_id: str, key_id: str, code: Code, message: str, **kw: Any) -> SignResult:
+        """A refused request: its status is the catalogue's for ``code`` (schemas.refusals)."""
+        if not isinstance(code, Code) or code.status is None:
+            raise ValueError(f"{code!r} is not a result code of the refusal catalogue")
+        return cls(request_id, key_id, code.status, error={"code": code.value, "message": message}, **kw)
+
+    @classmethod
+    def refused(cls, request_id: str, key_id: str, exc: Refused, **kw: Any) -> SignResult:
+        return cls.failure(request_id, key_id, exc.code, exc.message, **kw)
 
     def to_wire(self) -> dict[str, Any]:
         m: dict[str, Any] = {

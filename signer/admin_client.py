@@ -10,12 +10,11 @@ import msgpack
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from broker.topics import TopicLayout
+from schemas.refusals import Code, Refused
 
 
-class AdminError(RuntimeError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
+class AdminError(Refused, RuntimeError):
+    """The cluster refused the operation (its reply's error), or no reply came (``timeout``)."""
 
 
 async def admin_call(
@@ -47,12 +46,11 @@ async def admin_call(
                         if reply.get("request_id") != request_id:
                             continue
                         if not reply.get("ok"):
-                            err = reply.get("error") or {}
-                            raise AdminError(err.get("code", "error"), err.get("message", ""))
+                            raise AdminError.from_wire(reply.get("error"))
                         return dict(reply.get("result") or {})
     except TimeoutError:
         raise AdminError(
-            "timeout", f"no reply on {layout.admin_replies} within {timeout:.0f}s: is a host worker running?"
+            Code.TIMEOUT, f"no reply on {layout.admin_replies} within {timeout:.0f}s: is a host worker running?"
         ) from None
     finally:
         await producer.stop()

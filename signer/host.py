@@ -38,8 +38,9 @@ from broker.clients import request_consumer, result_producer
 from schemas.admin import decode_admin_request
 from schemas.dlq import DlqRecord
 from schemas.errors import SchemaError
+from schemas.refusals import Code
 from schemas.sign_request import SignRequest, decode_sign_request
-from schemas.sign_result import DEADLINE_PASSED, POISON_REQUEST, UNKNOWN_KEY, SignResult
+from schemas.sign_result import SignResult
 
 from .channel import EnclaveConnection
 from .config import HostConfig
@@ -380,7 +381,7 @@ class HostWorker:
             for (req, rec), res in zip(live, results, strict=True):
                 res.setdefault("timings_us", {})["kafka_wait"] = max(0, now_ms - rec.timestamp) * 1000
                 outputs.append(self._result(req, rec, res))
-                if (res.get("error") or {}).get("code") == POISON_REQUEST:
+                if (res.get("error") or {}).get("code") == Code.POISON_REQUEST:
                     outputs.append(self._poison_dlq(req, rec, res))
         return outputs
 
@@ -389,7 +390,7 @@ class HostWorker:
     ) -> None:
         """A key the enclaves do not know may have been created through another host:
         re-read the key store, load what it has, and ask again once."""
-        missing = [i for i, r in enumerate(results) if (r.get("error") or {}).get("code") == UNKNOWN_KEY]
+        missing = [i for i, r in enumerate(results) if (r.get("error") or {}).get("code") == Code.UNKNOWN_KEY]
         if not missing:
             return
         found = await self.keys.reload_keys({live[i][0].key_id for i in missing})
@@ -412,8 +413,8 @@ class HostWorker:
         return topic, req.request_id.encode(), value, TopicPartition(rec.topic, rec.partition), rec.offset
 
     def _dlq(self, rec: ConsumerRecord[bytes, bytes], exc: SchemaError) -> Output:
-        self.metrics.dlq.labels(exc.code).inc()
-        log.info("dlq", reason=exc.code, topic=rec.topic, partition=rec.partition, offset=rec.offset,
+        self.metrics.dlq.labels(exc.code.value).inc()
+        log.info("dlq", reason=exc.code.value, topic=rec.topic, partition=rec.partition, offset=rec.offset,
                  request_id=exc.request_id)  # fmt: skip
         record = DlqRecord(exc.code, exc.message, rec.topic, rec.partition, rec.offset, rec.value,
                            rec.key, exc.request_id)  # fmt: skip
@@ -421,11 +422,12 @@ class HostWorker:
 
     def _poison_dlq(self, req: SignRequest, rec: ConsumerRecord[bytes, bytes], result: dict[str, Any]) -> Output:
         """A request refused as poison is also kept in the DLQ, with its original bytes, for inspection."""
-        self.metrics.dlq.labels(POISON_REQUEST).inc()
-        log.warning("dlq", reason=POISON_REQUEST, topic=rec.topic, partition=rec.partition, offset=rec.offset,
+        reason = Code.POISON_REQUEST
+        self.metrics.dlq.labels(reason.value).inc()
+        log.warning("dlq", reason=reason.value, topic=rec.topic, partition=rec.partition, offset=rec.offset,
                     request_id=req.request_id)  # fmt: skip
         message = str((result.get("error") or {}).get("message", ""))
-        record = DlqRecord(POISON_REQUEST, message, rec.topic, rec.partition, rec.offset, rec.value, rec.key,
+        record = DlqRecord(reason, message, rec.topic, rec.partition, rec.offset, rec.value, rec.key,
                            req.request_id)  # fmt: skip
         return self.config.layout.dlq, rec.key, record.encode(), TopicPartition(rec.topic, rec.partition), rec.offset
 
@@ -438,7 +440,7 @@ class HostWorker:
         try:
             body.update(ok=True, result=await self.keys.handle(req["op"], req["args"]))
         except KeyOpError as exc:
-            body.update(ok=False, error={"code": exc.code, "message": exc.message})
+            body.update(ok=False, error=exc.to_wire(max_message=None))
         log.info("admin_op", op=req["op"], request_id=req["request_id"], ok=body["ok"])
         topic = req["reply_topic"] or self.config.layout.admin_replies
         value = msgpack.packb(body, use_bin_type=True)
@@ -446,9 +448,7 @@ class HostWorker:
 
 
 def _expired(req: SignRequest, where: str) -> dict[str, Any]:
-    return SignResult.failure(
-        req.request_id, req.key_id, "expired", DEADLINE_PASSED, f"deadline passed {where}"
-    ).to_wire()
+    return SignResult.failure(req.request_id, req.key_id, Code.DEADLINE_PASSED, f"deadline passed {where}").to_wire()
 
 
 class _Rebalance(ConsumerRebalanceListener):

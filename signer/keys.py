@@ -14,6 +14,7 @@ import msgpack
 import structlog
 
 from enclave_worker.keyring import KeyringEnvelope, SealedKey
+from schemas.refusals import Code, Refused
 
 from .channel import ChannelClosed, EnclaveConnection
 from .keystore import KeyringConflict, KeyStore
@@ -45,10 +46,8 @@ def load_frames(envelopes: list[dict[str, Any]], keys: list[dict[str, Any]]) -> 
     return out
 
 
-class KeyOpError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code, self.message = code, message
+class KeyOpError(Refused):
+    """A key operation refused, by this host or relayed from the enclave: the admin reply's error."""
 
 
 class KeyManager:
@@ -127,14 +126,14 @@ class KeyManager:
             if op == "keys.rotate_dek":
                 return await self._rotate(args)
         except ChannelClosed as exc:
-            raise KeyOpError("enclave_unavailable", str(exc)) from None
-        raise KeyOpError("unknown_op", f"unknown op {op!r}")
+            raise KeyOpError(Code.ENCLAVE_UNAVAILABLE, str(exc)) from None
+        raise KeyOpError(Code.UNKNOWN_OP, f"unknown op {op!r}")
 
     @staticmethod
     def _target(args: dict[str, Any]) -> str:
         enclave_id = args.get("enclave_id")
         if type(enclave_id) is not str:
-            raise KeyOpError("invalid_argument", "enclave_id (from enclave.identity) is required")
+            raise KeyOpError(Code.INVALID_ARGUMENT, "enclave_id (from enclave.identity) is required")
         return enclave_id
 
     @staticmethod
@@ -148,8 +147,7 @@ class KeyManager:
     @staticmethod
     def _result(reply: dict[str, Any]) -> dict[str, Any]:
         if not reply.get("ok"):
-            err = reply.get("error") or {}
-            raise KeyOpError(str(err.get("code", "error")), str(err.get("message", "")))
+            raise KeyOpError.from_wire(reply.get("error"))
         return {**dict(reply["result"]), "enclave_id": reply.get("enclave_id")}
 
     async def _add(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -169,7 +167,7 @@ class KeyManager:
                 try:
                     self.store.put_envelope(new_env)
                 except KeyringConflict as exc:
-                    raise KeyOpError("keyring_conflict", f"{exc}; retry") from None
+                    raise KeyOpError(Code.KEYRING_CONFLICT, f"{exc}; retry") from None
             self.store.put_key(sealed)
             await self.pool.broadcast(
                 "keyrings.load",
@@ -186,7 +184,7 @@ class KeyManager:
             self.store.refresh()
             env = self.store.get_envelope(keyring)
             if env is None:
-                raise KeyOpError("unknown_keyring", f"no keyring {keyring!r}")
+                raise KeyOpError(Code.UNKNOWN_KEYRING, f"no keyring {keyring!r}")
             members = [k.to_wire() for k in self.store.keys() if k.keyring_id == keyring]
             for load in load_frames([env.to_wire()], members):
                 await self.pool.key_op("keyrings.load", load, enclave_id=enclave_id)
@@ -199,7 +197,7 @@ class KeyManager:
             try:
                 self.store.put_envelope(new_env)
             except KeyringConflict as exc:
-                raise KeyOpError("keyring_conflict", f"{exc}; retry") from None
+                raise KeyOpError(Code.KEYRING_CONFLICT, f"{exc}; retry") from None
             for load in load_frames([new_env.to_wire()], [s.to_wire() for s in resealed]):
                 await self.pool.broadcast("keyrings.load", load, exclude_url=reply.get("url"))
             log.info("dek_rotated", keyring=keyring, version=new_env.dek_version, keys=len(resealed))

@@ -19,8 +19,8 @@ from typing import Protocol
 import msgpack
 
 from enclave_worker.keyring import KeyringEnvelope, SealedKey
+from schemas.names import valid_name
 
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _ENVELOPE = re.compile(r"^envelope\.v(\d+)\.msgpack$")
 _KEY = re.compile(r"^(k_[0-9a-f]+)\.v(\d+)\.msgpack$")
 
@@ -51,7 +51,7 @@ class DirectoryKeyStore:
         """Re-read the directory (other hosts may have written to it)."""
         envelopes: dict[str, KeyringEnvelope] = {}
         keys: dict[str, SealedKey] = {}
-        for ring_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name)):
+        for ring_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and valid_name(p.name)):
             versions = [(int(m[1]), p) for p in ring_dir.iterdir() if (m := _ENVELOPE.match(p.name))]
             if not versions:
                 continue
@@ -66,7 +66,7 @@ class DirectoryKeyStore:
         self._envelopes, self._keys = envelopes, keys
 
     def put_envelope(self, env: KeyringEnvelope) -> None:
-        if not _NAME.match(env.keyring_id):
+        if not valid_name(env.keyring_id):
             raise ValueError(f"bad keyring id {env.keyring_id!r}")
         ring_dir = self.root / env.keyring_id
         (ring_dir / "keys").mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ class DirectoryKeyStore:
             self._keys = {k: v for k, v in self._keys.items() if v.keyring_id != env.keyring_id}
 
     def put_key(self, key: SealedKey) -> None:
-        if not _NAME.match(key.keyring_id) or not re.match(r"^k_[0-9a-f]+$", key.key_id):
+        if not valid_name(key.keyring_id) or not re.fullmatch(r"k_[0-9a-f]+", key.key_id):
             raise ValueError("bad keyring or key id")
         path = self.root / key.keyring_id / "keys" / f"{key.key_id}.v{key.dek_version}.msgpack"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,8 @@ import msgpack
 import structlog
 
 from schemas import frames
-from schemas.sign_result import POISON_REQUEST, SignResult
+from schemas.refusals import Code
+from schemas.sign_result import SignResult
 from schemas.transport import parse_channel_url
 
 from .channel import Batch, ChannelClosed, ChannelSettings, EnclaveConnection, Pending
@@ -309,7 +310,7 @@ class EnclavePool:
         self.metrics.poison_requests.labels(conn.lost_cause or "error").inc()
         log.warning("poison_request", request_id=request_id, attempts=p.attempts, channel=conn.name,
                     reason=conn.closed_reason[:200])  # fmt: skip
-        p.batch.resolve(p.index, SignResult.failure(request_id, key_id, "error", POISON_REQUEST, message).to_wire())
+        p.batch.resolve(p.index, SignResult.failure(request_id, key_id, Code.POISON_REQUEST, message).to_wire())
 
     def _on_up(self) -> None:
         self._up.set()

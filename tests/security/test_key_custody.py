@@ -123,8 +123,8 @@ async def test_a_disguised_envelope_does_not_unwrap(stage: Stage, tmp_path: Path
 async def test_a_kms_answer_for_another_key_is_refused(tmp_path: Path) -> None:
     """KeyId is checked in every KMS answer (the KMS client is the seam; a unit test)."""
     from enclave_worker.kms import DataKey
-    from enclave_worker.refusals import Refusal
     from enclave_worker.vault import Vault
+    from schemas.refusals import Refused
 
     arn = "arn:aws:kms:us-east-1:000000000000:key/good"
     op = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
@@ -147,7 +147,7 @@ async def test_a_kms_answer_for_another_key_is_refused(tmp_path: Path) -> None:
             return b"doc"
 
     vault = Vault(LyingKms(), Doc(), config)  # type: ignore[arg-type]
-    with pytest.raises(Refusal) as info:
+    with pytest.raises(Refused) as info:
         await vault.create_key("kr", "secp256k1")
     assert info.value.code == "kms_protocol" and "not the one asked for" in info.value.message
     assert vault.current == {}  # nothing was loaded from the lying answer

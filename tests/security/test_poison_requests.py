@@ -33,7 +33,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from broker.topics import TopicLayout, ensure_topics
 from schemas import frames
 from schemas.dlq import DlqRecord
-from schemas.sign_result import POISON_REQUEST
+from schemas.refusals import Code
 from signer.channel import ChannelSettings
 from signer.config import ConfigError, HostConfig
 from signer.metrics import HostMetrics
@@ -105,7 +105,7 @@ def _check_results(ids: list[str], raws: list[bytes], results: list[dict[str, An
     for rid, raw, res in zip(ids, raws, results, strict=True):
         assert res["request_id"] == rid, res
         if rid == POISON:
-            assert res["status"] == "error" and res["error"]["code"] == POISON_REQUEST, res
+            assert res["status"] == "error" and res["error"]["code"] == Code.POISON_REQUEST, res
             assert "not sent to an enclave again" in res["error"]["message"]
         else:
             assert res["status"] == "ok" and res["signature"] == hashlib.sha256(raw).digest(), res
@@ -336,14 +336,14 @@ async def test_through_the_host_the_poison_request_gets_a_result_and_a_dlq_recor
             for rid in ids:
                 got = by_id[rid]
                 if rid == POISON:
-                    assert {(r["status"], r["error"]["code"]) for r in got} == {("error", POISON_REQUEST)}, got
+                    assert {(r["status"], r["error"]["code"]) for r in got} == {("error", Code.POISON_REQUEST)}, got
                     continue
                 assert {(r["status"], r["signature"]) for r in got} == {("ok", hashlib.sha256(raws[rid]).digest())}
             records = [DlqRecord.decode(msgpack.packb(r)) for r in dlq.records]
             assert len({(r.reason, r.original, r.request_id) for r in records}) == 1
             rec = records[0]
             assert (rec.reason, rec.original, rec.request_id, rec.topic) == (
-                POISON_REQUEST, raws[POISON], POISON, layout.requests,
+                Code.POISON_REQUEST, raws[POISON], POISON, layout.requests,
             )  # fmt: skip
             assert rec.original_key is not None and "not sent to an enclave again" in rec.message
 
