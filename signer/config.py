@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 
 from broker.topics import TopicLayout
 
@@ -26,12 +27,12 @@ def load_config_file(path: str) -> None:
         _FILE_VALUES[k] = str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, _FILE_VALUES.get(name, default))
+def _env(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:
+    return (os.environ if environ is None else environ).get(name, _FILE_VALUES.get(name, default))
 
 
-def _bool(name: str, default: bool) -> bool:
-    raw = _env(name, "true" if default else "false").strip().lower()
+def _bool(name: str, default: bool, environ: Mapping[str, str] | None = None) -> bool:
+    raw = _env(name, "true" if default else "false", environ).strip().lower()
     if raw in ("1", "true", "yes", "on"):
         return True
     if raw in ("0", "false", "no", "off"):
@@ -43,8 +44,8 @@ class ConfigError(ValueError):
     """A setting with a value the host cannot use; the message names the variable."""
 
 
-def _int(name: str, default: int, minimum: int = 0) -> int:
-    raw = _env(name, str(default))
+def _int(name: str, default: int, minimum: int = 0, environ: Mapping[str, str] | None = None) -> int:
+    raw = _env(name, str(default), environ)
     try:
         value = int(raw)
     except ValueError:
@@ -54,8 +55,8 @@ def _int(name: str, default: int, minimum: int = 0) -> int:
     return value
 
 
-def _int_at_most(name: str, default: int, minimum: int, maximum: int) -> int:
-    value = _int(name, default, minimum)
+def _int_at_most(name: str, default: int, minimum: int, maximum: int, environ: Mapping[str, str] | None = None) -> int:
+    value = _int(name, default, minimum, environ)
     if value > maximum:
         raise ConfigError(f"{name}={value} must be <= {maximum} (enclaves accept frames of at most 2 MiB)")
     return value
@@ -86,57 +87,67 @@ class HostConfig:
     rebalance_drain_s: float = 20.0
 
     @classmethod
-    def from_env(cls, **overrides: object) -> HostConfig:
-        path = os.environ.get("SIGNER_CONFIG_FILE")
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> HostConfig:
+        """The configuration from the environment (`environ`, default os.environ) and SIGNER_CONFIG_FILE;
+        `overrides` (field names) win over both."""
+        environ = os.environ if environ is None else environ
+
+        def env(name: str, default: str) -> str:
+            return _env(name, default, environ)
+
+        def num(name: str, default: int, minimum: int = 0) -> int:
+            return _int(name, default, minimum, environ)
+
+        path = environ.get("SIGNER_CONFIG_FILE")
         if path:
             try:
                 load_config_file(path)
             except (OSError, tomllib.TOMLDecodeError) as exc:
                 raise ConfigError(f"SIGNER_CONFIG_FILE={path}: {exc}") from None
         layout = TopicLayout(
-            requests=_env("SIGNER_TOPIC_REQUESTS", "sign.requests"),
-            results=_env("SIGNER_TOPIC_RESULTS", "sign.results"),
-            dlq=_env("SIGNER_TOPIC_DLQ", "sign.dlq"),
-            admin=_env("SIGNER_TOPIC_ADMIN", "sign.admin"),
-            admin_replies=_env("SIGNER_TOPIC_ADMIN_REPLIES", "sign.admin.replies"),
-            request_partitions=_int("SIGNER_REQUEST_PARTITIONS", 12, 1),
-            result_partitions=_int("SIGNER_RESULT_PARTITIONS", 12, 1),
+            requests=env("SIGNER_TOPIC_REQUESTS", "sign.requests"),
+            results=env("SIGNER_TOPIC_RESULTS", "sign.results"),
+            dlq=env("SIGNER_TOPIC_DLQ", "sign.dlq"),
+            admin=env("SIGNER_TOPIC_ADMIN", "sign.admin"),
+            admin_replies=env("SIGNER_TOPIC_ADMIN_REPLIES", "sign.admin.replies"),
+            request_partitions=num("SIGNER_REQUEST_PARTITIONS", 12, 1),
+            result_partitions=num("SIGNER_RESULT_PARTITIONS", 12, 1),
         )
-        enclaves = [u.strip() for u in _env("SIGNER_ENCLAVES", "").split(",") if u.strip()]
+        enclaves = [u.strip() for u in env("SIGNER_ENCLAVES", "").split(",") if u.strip()]
         cfg = cls(
-            bootstrap=_env("KAFKA_BOOTSTRAP", ""),
+            bootstrap=env("KAFKA_BOOTSTRAP", ""),
             enclaves=enclaves,
-            group_id=_env("SIGNER_GROUP_ID", "signer-hosts"),
+            group_id=env("SIGNER_GROUP_ID", "signer-hosts"),
             layout=layout,
-            max_batch=_int("SIGNER_MAX_BATCH", 500, 1),
-            http_host=_env("SIGNER_HTTP_HOST", "127.0.0.1"),
-            http_port=_int("SIGNER_HTTP_PORT", 9464),
+            max_batch=num("SIGNER_MAX_BATCH", 500, 1),
+            http_host=env("SIGNER_HTTP_HOST", "127.0.0.1"),
+            http_port=num("SIGNER_HTTP_PORT", 9464),
             pool=PoolSettings(
-                connections_per_enclave=_int("SIGNER_CONNECTIONS_PER_ENCLAVE", 2, 1),
-                max_queued=_int("SIGNER_MAX_QUEUED", 20_000, 1),
-                spill_after=_int("SIGNER_SPILL_AFTER", 1024, 1),
-                poison_attempts=_int("SIGNER_POISON_ATTEMPTS", 3, 2),
+                connections_per_enclave=num("SIGNER_CONNECTIONS_PER_ENCLAVE", 2, 1),
+                max_queued=num("SIGNER_MAX_QUEUED", 20_000, 1),
+                spill_after=num("SIGNER_SPILL_AFTER", 1024, 1),
+                poison_attempts=num("SIGNER_POISON_ATTEMPTS", 3, 2),
                 channel=ChannelSettings(
-                    max_batch=_int("SIGNER_FRAME_MAX_REQUESTS", 512, 1),
-                    max_batch_bytes=_int_at_most("SIGNER_FRAME_MAX_BYTES", 1024 * 1024, 1024, 1024 * 1024),
-                    batch_window_s=_int("SIGNER_BATCH_WINDOW_US", 500) / 1e6,
-                    heartbeat_interval_s=_int("SIGNER_HEARTBEAT_INTERVAL_MS", 1000, 10) / 1000,
-                    dead_after_s=_int("SIGNER_DEAD_AFTER_MS", 5000, 50) / 1000,
+                    max_batch=num("SIGNER_FRAME_MAX_REQUESTS", 512, 1),
+                    max_batch_bytes=_int_at_most("SIGNER_FRAME_MAX_BYTES", 1024 * 1024, 1024, 1024 * 1024, environ),
+                    batch_window_s=num("SIGNER_BATCH_WINDOW_US", 500) / 1e6,
+                    heartbeat_interval_s=num("SIGNER_HEARTBEAT_INTERVAL_MS", 1000, 10) / 1000,
+                    dead_after_s=num("SIGNER_DEAD_AFTER_MS", 5000, 50) / 1000,
                 ),
             ),
-            enclave_wait_s=_int("SIGNER_ENCLAVE_WAIT_S", 30),
-            shutdown_timeout_s=_int("SIGNER_SHUTDOWN_TIMEOUT_S", 30),
-            keystore_dir=_env("SIGNER_KEYSTORE_DIR", os.path.expanduser("~/.local/share/enclave-signer/keystore")),
-            default_keyring=_env("SIGNER_DEFAULT_KEYRING", "default"),
-            kms_credentials_file=_env("SIGNER_KMS_CREDENTIALS_FILE", ""),
-            max_in_flight=_int("SIGNER_MAX_IN_FLIGHT", 10_000, 1),
-            resume_below=_int("SIGNER_RESUME_BELOW", -1, -1),
-            commit_interval_s=_int("SIGNER_COMMIT_INTERVAL_MS", 200, 1) / 1000,
-            exactly_once=_bool("SIGNER_EXACTLY_ONCE", False),
-            transactional_id=_env("SIGNER_TRANSACTIONAL_ID", f"signer-{socket.gethostname()}-{os.getpid()}"),
-            transaction_timeout_ms=_int("SIGNER_TRANSACTION_TIMEOUT_MS", 60_000, 1000),
-            session_timeout_ms=_int("SIGNER_SESSION_TIMEOUT_MS", 10_000, 1000),
-            rebalance_drain_s=_int("SIGNER_REBALANCE_DRAIN_S", 20, 0),
+            enclave_wait_s=num("SIGNER_ENCLAVE_WAIT_S", 30),
+            shutdown_timeout_s=num("SIGNER_SHUTDOWN_TIMEOUT_S", 30),
+            keystore_dir=env("SIGNER_KEYSTORE_DIR", os.path.expanduser("~/.local/share/enclave-signer/keystore")),
+            default_keyring=env("SIGNER_DEFAULT_KEYRING", "default"),
+            kms_credentials_file=env("SIGNER_KMS_CREDENTIALS_FILE", ""),
+            max_in_flight=num("SIGNER_MAX_IN_FLIGHT", 10_000, 1),
+            resume_below=num("SIGNER_RESUME_BELOW", -1, -1),
+            commit_interval_s=num("SIGNER_COMMIT_INTERVAL_MS", 200, 1) / 1000,
+            exactly_once=_bool("SIGNER_EXACTLY_ONCE", False, environ),
+            transactional_id=env("SIGNER_TRANSACTIONAL_ID", f"signer-{socket.gethostname()}-{os.getpid()}"),
+            transaction_timeout_ms=num("SIGNER_TRANSACTION_TIMEOUT_MS", 60_000, 1000),
+            session_timeout_ms=num("SIGNER_SESSION_TIMEOUT_MS", 10_000, 1000),
+            rebalance_drain_s=num("SIGNER_REBALANCE_DRAIN_S", 20, 0),
         )
         for k, v in overrides.items():
             setattr(cfg, k, v)
@@ -145,3 +156,67 @@ class HostConfig:
         if cfg.resume_below >= cfg.max_in_flight:
             raise ConfigError(f"SIGNER_RESUME_BELOW={cfg.resume_below} must be below SIGNER_MAX_IN_FLIGHT")
         return cfg
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes a `signer host` process use this configuration: the inverse of
+        from_env. SIGNER_TRANSACTIONAL_ID is left out when empty (each process then derives its own);
+        a setting no variable can carry (a non-default replication factor, channel back-off, ...) or a
+        duration that is not a whole number of the variable's unit is a ConfigError, never dropped."""
+        pool, channel, layout = self.pool, self.pool.channel, self.layout
+        _only_defaults(layout, TopicLayout(), ("replication_factor",))
+        _only_defaults(pool, PoolSettings(), ("backoff_min_s", "backoff_max_s"))
+        _only_defaults(channel, ChannelSettings(), ("hello_timeout_s", "max_frame_bytes"))
+        env = {
+            "KAFKA_BOOTSTRAP": self.bootstrap,
+            "SIGNER_ENCLAVES": ",".join(self.enclaves),
+            "SIGNER_GROUP_ID": self.group_id,
+            "SIGNER_TOPIC_REQUESTS": layout.requests,
+            "SIGNER_TOPIC_RESULTS": layout.results,
+            "SIGNER_TOPIC_DLQ": layout.dlq,
+            "SIGNER_TOPIC_ADMIN": layout.admin,
+            "SIGNER_TOPIC_ADMIN_REPLIES": layout.admin_replies,
+            "SIGNER_REQUEST_PARTITIONS": str(layout.request_partitions),
+            "SIGNER_RESULT_PARTITIONS": str(layout.result_partitions),
+            "SIGNER_MAX_BATCH": str(self.max_batch),
+            "SIGNER_HTTP_HOST": self.http_host,
+            "SIGNER_HTTP_PORT": str(self.http_port),
+            "SIGNER_CONNECTIONS_PER_ENCLAVE": str(pool.connections_per_enclave),
+            "SIGNER_MAX_QUEUED": str(pool.max_queued),
+            "SIGNER_SPILL_AFTER": str(pool.spill_after),
+            "SIGNER_POISON_ATTEMPTS": str(pool.poison_attempts),
+            "SIGNER_FRAME_MAX_REQUESTS": str(channel.max_batch),
+            "SIGNER_FRAME_MAX_BYTES": str(channel.max_batch_bytes),
+            "SIGNER_BATCH_WINDOW_US": _whole("SIGNER_BATCH_WINDOW_US", channel.batch_window_s, 1_000_000),
+            "SIGNER_HEARTBEAT_INTERVAL_MS": _whole("SIGNER_HEARTBEAT_INTERVAL_MS", channel.heartbeat_interval_s, 1000),
+            "SIGNER_DEAD_AFTER_MS": _whole("SIGNER_DEAD_AFTER_MS", channel.dead_after_s, 1000),
+            "SIGNER_ENCLAVE_WAIT_S": _whole("SIGNER_ENCLAVE_WAIT_S", self.enclave_wait_s, 1),
+            "SIGNER_SHUTDOWN_TIMEOUT_S": _whole("SIGNER_SHUTDOWN_TIMEOUT_S", self.shutdown_timeout_s, 1),
+            "SIGNER_KEYSTORE_DIR": self.keystore_dir,
+            "SIGNER_DEFAULT_KEYRING": self.default_keyring,
+            "SIGNER_KMS_CREDENTIALS_FILE": self.kms_credentials_file,
+            "SIGNER_MAX_IN_FLIGHT": str(self.max_in_flight),
+            "SIGNER_RESUME_BELOW": str(self.resume_below),
+            "SIGNER_COMMIT_INTERVAL_MS": _whole("SIGNER_COMMIT_INTERVAL_MS", self.commit_interval_s, 1000),
+            "SIGNER_EXACTLY_ONCE": "true" if self.exactly_once else "false",
+            "SIGNER_TRANSACTION_TIMEOUT_MS": str(self.transaction_timeout_ms),
+            "SIGNER_SESSION_TIMEOUT_MS": str(self.session_timeout_ms),
+            "SIGNER_REBALANCE_DRAIN_S": _whole("SIGNER_REBALANCE_DRAIN_S", self.rebalance_drain_s, 1),
+        }
+        if self.transactional_id:
+            env["SIGNER_TRANSACTIONAL_ID"] = self.transactional_id
+        return env
+
+
+def _whole(name: str, seconds: float, per_second: int) -> str:
+    """A duration in the variable's unit; refused if it is not a whole number of them."""
+    value = seconds * per_second
+    if abs(value - round(value)) > 1e-6:
+        raise ConfigError(f"{name}: {seconds} s is not a whole number of the variable's unit")
+    return str(round(value))
+
+
+def _only_defaults(settings: object, defaults: object, names: tuple[str, ...]) -> None:
+    for f in fields(settings):  # type: ignore[arg-type]
+        if f.name in names and getattr(settings, f.name) != getattr(defaults, f.name):
+            raise ConfigError(f"{type(settings).__name__}.{f.name} has no environment variable: only the default "
+                              f"({getattr(defaults, f.name)!r}) can be passed to a host process")  # fmt: skip
