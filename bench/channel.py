@@ -10,11 +10,8 @@ framing, syscalls, and event-loop work on both sides, not signing.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import signal
-import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +23,7 @@ from schemas import frames
 from schemas.transport import open_channel
 from signer.channel import ChannelSettings
 from signer.pool import EnclavePool, PoolSettings
+from signer.topology import Topology
 
 
 def _requests(n: int) -> list[bytes]:
@@ -69,27 +67,15 @@ async def _connection_per_request_rate(url: str, raws: list[bytes]) -> float:
 
 async def run_channel_bench(n: int = 50_000) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="signer-bench-"))
-    url = f"unix://{workdir / 'noop.sock'}"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "enclave_worker", "--listen", url, "--enclave-id", "noop",
-        "--handler", "noop", "--credits", "4096",
-        stdout=asyncio.subprocess.PIPE, env={**os.environ, "SIGNER_LOG_LEVEL": "WARNING"},
-    )  # fmt: skip
+    topology = Topology(workdir, sock_dir=workdir, log_level="WARNING")
     try:
-        assert proc.stdout is not None
-        line = await proc.stdout.readline()
-        if not line.startswith(b"READY"):
-            raise RuntimeError(f"noop enclave did not start: {line!r}")
+        url = (await topology.start_enclave("noop", handler="noop", credits=4096)).url
         batched = await _pool_rate(url, _requests(n), ChannelSettings())
         per_frame = await _pool_rate(url, _requests(n // 5), ChannelSettings(max_batch=1, batch_window_s=0))
         per_conn = await _connection_per_request_rate(url, _requests(max(200, n // 50)))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(ProcessLookupError):
-            await proc.wait()
-        for p in workdir.iterdir():  # noqa: ASYNC240 - cleanup after the run
-            p.unlink()
-        workdir.rmdir()  # noqa: ASYNC240
+        await topology.aclose()
+        shutil.rmtree(workdir, ignore_errors=True)
     return {
         "requests_per_s": {
             "batched": round(batched),

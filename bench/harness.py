@@ -35,15 +35,13 @@ import msgpack
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from hdrh.histogram import HdrHistogram
 
-from broker.local_kafka import LocalKafka
-from broker.topics import TopicLayout, ensure_topics
-from devkms.local import DEV_REGION, DevEnclave, dev_credentials, provision_dev_enclave
+from broker.topics import TopicLayout
+from devkms.local import DEV_REGION, DevEnclave, dev_credentials
 from enclave_worker.attestation import DevProvider
 from enclave_worker.keyring import KeyringEnvelope, SealedKey
 from enclave_worker.kms import KmsClient, KmsConfig
-from signer.admin_client import admin_call
-from signer.cluster import ChildProcess
 from signer.operator import AdminSession
+from signer.topology import Enclave, Enclaves, HostProcess, Topology
 
 from .ceiling import raw_sign_rate
 from .reference import reference_rate
@@ -99,47 +97,54 @@ def rss_kb(pid: int) -> int:
 
 @dataclass
 class Stack:
-    work: Path
-    kafka: LocalKafka
-    kms: ChildProcess
-    kms_url: str
-    dev: DevEnclave  # the dev enclave configuration, operator key and keyring KMS key
-    enclaves: list[tuple[ChildProcess, str]]
+    """Kafka, the dev KMS (its dev enclave configuration, operator key and keyring KMS key) and the
+    enclave workers every host of a run shares."""
+
+    topology: Topology
     keys: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def work(self) -> Path:
+        return self.topology.data_dir
+
+    @property
+    def bootstrap(self) -> str:
+        return self.topology.bootstrap
+
+    @property
+    def kms_url(self) -> str:
+        return self.topology.kms_url
+
+    @property
+    def dev(self) -> DevEnclave:
+        assert self.topology.dev is not None
+        return self.topology.dev
+
+    @property
+    def enclaves(self) -> list[Enclave]:
+        return list(self.topology.enclaves.values())
+
     async def close(self) -> None:
-        for proc, _ in self.enclaves:
-            await proc.stop()
-        await self.kms.stop()
-        await asyncio.to_thread(self.kafka.stop)
+        await self.topology.aclose()
 
 
 async def start_stack(work: Path, enclaves: int = 2) -> Stack:
-    progress("starting Kafka")
-    kafka = LocalKafka(data_dir=work / "kafka")
-    await asyncio.to_thread(kafka.start)
-    kms = ChildProcess("devkms", ["--data-dir", str(work / "devkms")], dev_credentials())
-    await kms.start()
-    url = kms.ready_line.split()[1]
-    dev = await provision_dev_enclave(url, work / "devkms", work / "enclave")
-    env = {**dev.env, "SIGNER_LOG_LEVEL": "WARNING"}
-    procs = []
-    for i in range(enclaves):
-        sock = f"unix://{work / f'enc{i}.sock'}"
-        proc = ChildProcess("enclave_worker", ["--listen", sock, "--enclave-id", f"enc{i}"], env)
-        await proc.start()
-        procs.append((proc, sock))
-    return Stack(work, kafka, kms, url, dev, procs)
+    topology = Topology(work, sock_dir=work, log_level="WARNING")
+    stack = Stack(topology)
+    try:
+        progress("starting Kafka")
+        await topology.start_kafka()
+        await topology.start_kms()
+        await topology.provision()
+        await topology.start_enclaves(Enclaves(count=enclaves, prefix="enc"))
+    except BaseException:
+        await stack.close()
+        raise
+    return stack
 
 
-@dataclass
-class Host:
-    proc: ChildProcess
-    port: int
-    layout: TopicLayout
-
-
-async def start_host(stack: Stack, enclaves: int, link: str = "", env: dict[str, str] | None = None) -> Host:
+async def start_host(stack: Stack, enclaves: int, link: str = "", env: dict[str, str] | None = None) -> HostProcess:
+    """A `signer host` process on topics of its own, over the first `enclaves` workers behind `link`."""
     tag = uuid.uuid4().hex[:6]
     layout = replace(
         TopicLayout(),
@@ -151,37 +156,15 @@ async def start_host(stack: Stack, enclaves: int, link: str = "", env: dict[str,
         request_partitions=8,
         result_partitions=4,
     )
-    await ensure_topics(stack.kafka.bootstrap, layout)
-    host_env = {
-        "KAFKA_BOOTSTRAP": stack.kafka.bootstrap,
-        "SIGNER_ENCLAVES": ",".join(u + link for _, u in stack.enclaves[:enclaves]),
-        "SIGNER_HTTP_PORT": "0",
-        "SIGNER_KEYSTORE_DIR": str(stack.work / "keystore"),
-        "SIGNER_GROUP_ID": f"bench-{tag}",
-        "SIGNER_LOG_LEVEL": "WARNING",
-        "SIGNER_TOPIC_REQUESTS": layout.requests,
-        "SIGNER_TOPIC_RESULTS": layout.results,
-        "SIGNER_TOPIC_DLQ": layout.dlq,
-        "SIGNER_TOPIC_ADMIN": layout.admin,
-        "SIGNER_TOPIC_ADMIN_REPLIES": layout.admin_replies,
-        **(env or {}),
-    }
-    proc = ChildProcess("signer", ["host"], host_env)
-    proc.ready_prefix = b"host worker up"
-    await proc.start(timeout=90)
-    port = int(proc.ready_line.rsplit(":", 1)[1].split("/")[0])
-    return Host(proc, port, layout)
+    urls = [e.listen + link for e in stack.enclaves[:enclaves]]
+    return await stack.topology.start_host(
+        f"bench-{tag}", settings=env, layout=layout, group_id=f"bench-{tag}", enclaves=urls, timeout=90
+    )
 
 
-def admin(stack: Stack, host: Host) -> AdminSession:
+def admin(stack: Stack, host: HostProcess) -> AdminSession:
     """The dev operator over this host's admin topics: signs each operation, verifies each receipt."""
-    bootstrap, layout = stack.kafka.bootstrap, host.layout
-
-    async def call(op: str, args: dict[str, Any]) -> dict[str, Any]:
-        return await admin_call(bootstrap, op, args, layout)
-
-    session: AdminSession = stack.dev.admin(call)
-    return session
+    return stack.topology.operator(host.config.layout)
 
 
 async def metrics_text(port: int) -> str:
@@ -271,17 +254,18 @@ class RunResult:
 
 
 async def drive(
-    stack: Stack, host: Host, name: str, total: int, *, outstanding: int | None = None, rate: float | None = None
+    stack: Stack, host: HostProcess, name: str, total: int, *, outstanding: int | None = None, rate: float | None = None
 ) -> RunResult:
     """Closed loop (`outstanding` in flight) or open loop (`rate` per second): every request id is matched."""
     res = RunResult(name)
     rnd = random.Random(7)
-    bootstrap = stack.kafka.bootstrap
+    bootstrap = stack.bootstrap
+    layout = host.config.layout
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2)
     await consumer.start()
     await producer.start()
-    tps = [TopicPartition(host.layout.results, p) for p in range(host.layout.result_partitions)]
+    tps = [TopicPartition(layout.results, p) for p in range(layout.result_partitions)]
     consumer.assign(tps)
     await consumer.seek_to_end(*tps)
     for tp in tps:
@@ -289,8 +273,8 @@ async def drive(
     sent_at: dict[str, float] = {}
     window = asyncio.Semaphore(outstanding or total)
     done = asyncio.Event()
-    pids = [p.proc.pid for p, _ in stack.enclaves if p.proc]
-    host_pid = host.proc.proc.pid  # type: ignore[union-attr]
+    pids = [e.process.pid for e in stack.enclaves if e.process.running]
+    host_pid = host.process.pid
     cpu0 = (cpu_seconds(host_pid), sum(cpu_seconds(p) for p in pids))
     m0 = stage_sums(await metrics_text(host.port))
     k0 = await kms_calls(stack.kms_url)
@@ -326,7 +310,7 @@ async def drive(
             else:
                 await window.acquire()
                 sent_at[f"r{i}"] = time.perf_counter()
-            await producer.send(host.layout.requests, value, key=key)
+            await producer.send(layout.requests, value, key=key)
         await producer.flush()
         async with asyncio.timeout(300):
             await done.wait()
@@ -370,14 +354,14 @@ async def run_report(out: Path, profile: Profile) -> dict[str, Any]:
             rate = max(10.0, closed.per_second * share)
             total = max(50, int(rate * profile.open_seconds))
             runs.append(await drive(stack, host, f"open loop {int(share * 100)}% ({rate:.0f}/s)", total, rate=rate))
-        await host.proc.stop()
+        await host.process.astop()
         progress("reference design")
         report["reference"] = await _reference(stack, profile.reference_requests)
         sweeps = []
         for sw in profile.sweeps:
             h = await start_host(stack, enclaves=sw.get("enclaves", 2), link=sw.get("link", ""), env=sw.get("env"))
             r = await drive(stack, h, sw["name"], profile.sweep_total, outstanding=min(profile.outstanding, 2000))
-            await h.proc.stop()
+            await h.process.astop()
             top = max(r.stages, key=lambda s: r.stages[s])
             sweeps.append({**r.summary(), "largest_stage": top})
     finally:
@@ -408,7 +392,7 @@ async def _reference(stack: Stack, n: int) -> dict[str, Any]:
     # attests as the enclave does (same code, same configuration: the PCR0 the key policy names)
     provider = DevProvider(stack.work / "devkms" / "pki", stack.dev.config_path.read_bytes())
     try:
-        return await reference_rate(stack.enclaves[0][1], kms, provider, env, sealed, n)
+        return await reference_rate(stack.enclaves[0].listen, kms, provider, env, sealed, n)
     finally:
         await kms.close()
 

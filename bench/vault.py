@@ -16,11 +16,8 @@ from typing import Any
 import aiohttp
 import msgpack
 
-from devkms.local import dev_credentials, provision_dev_enclave
-from signer.cluster import ChildProcess
-from signer.keys import KeyManager
-from signer.keystore import DirectoryKeyStore
-from signer.pool import EnclavePool, PoolSettings
+from signer.pool import PoolSettings
+from signer.topology import Enclave, HostSide, Topology
 
 
 def _req(i: int, key_id: str) -> bytes:
@@ -39,39 +36,30 @@ async def _kms_calls(url: str, reset: bool = False) -> dict[str, int]:
 
 async def run_vault_bench(keyrings: int = 5, keys_per_ring: int = 10, signatures: int = 20_000) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="signer-vault-bench-"))
-    kms = ChildProcess("devkms", ["--data-dir", str(work / "devkms")], dev_credentials())
-    await kms.start()
-    url = kms.ready_line.split()[1]
-    dev = await provision_dev_enclave(url, work / "devkms", work / "enclave")
-    env = {**dev.env, "SIGNER_LOG_LEVEL": "WARNING"}
-    store = DirectoryKeyStore(work / "keystore")
+    topology = Topology(work, sock_dir=work, log_level="WARNING")
 
-    async def enclave_and_pool(name: str) -> tuple[ChildProcess, EnclavePool, KeyManager]:
-        sock = f"unix://{work / (name + '.sock')}"
-        proc = ChildProcess("enclave_worker", ["--listen", sock, "--enclave-id", name], env)
-        await proc.start()
-        holder: dict[str, KeyManager] = {}
+    async def enclave_and_host(name: str) -> tuple[Enclave, HostSide]:
+        enclave = await topology.start_enclave(name)
+        return enclave, await topology.start_host_side(PoolSettings(connections_per_enclave=1), urls=[enclave.url])
 
-        async def prepare(conn: Any) -> None:
-            await holder["keys"].load_into(conn)
-
-        pool = EnclavePool([sock], PoolSettings(connections_per_enclave=1), prepare=prepare)
-        holder["keys"] = KeyManager(pool, store)
-        await pool.start(ready_timeout=20)
-        return proc, pool, holder["keys"]
+    async def stop(enclave: Enclave, side: HostSide) -> None:
+        await side.pool.close()
+        await enclave.process.astop()
 
     try:
-        proc, pool, keys = await enclave_and_pool("create")
-        operator = dev.admin(keys.handle)  # the dev operator signs each creation and verifies its receipt
+        url = await topology.start_kms()
+        dev = await topology.provision()
+        enclave, side = await enclave_and_host("create")
+        operator = dev.admin(side.keys.handle)  # the dev operator signs each creation and verifies its receipt
         key_ids = [
             (await operator.create_key("secp256k1", f"ring{r}"))["key_id"]
             for r in range(keyrings)
             for _ in range(keys_per_ring)
         ]
-        await pool.close()
-        await proc.stop()
+        await stop(enclave, side)
 
-        proc, pool, keys = await enclave_and_pool("cold")  # a fresh process: every data key is cold
+        enclave, side = await enclave_and_host("cold")  # a fresh process: every data key is cold
+        pool, keys = side.pool, side.keys
         await _kms_calls(url, reset=True)
         cold = []
         for r in range(keyrings):  # first signature per keyring: includes the unwrap
@@ -95,10 +83,8 @@ async def run_vault_bench(keyrings: int = 5, keys_per_ring: int = 10, signatures
         elapsed = time.perf_counter() - t0
         assert all(r["status"] == "ok" for r in results)
         steady_calls = sum((await _kms_calls(url)).values())
-        await pool.close()
-        await proc.stop()
     finally:
-        await kms.stop()
+        await topology.aclose()
     cold_ms = sorted(c * 1000 for c in cold)
     warm_ms = sorted(w * 1000 for w in warm)
     return {

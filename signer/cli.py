@@ -83,12 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         from broker.local_kafka import KafkaUnavailable
 
         from .admin_client import AdminError
+        from .cluster import ClusterError
         from .config import ConfigError
 
         if isinstance(exc, KafkaError):
             print(f"signer: Kafka error: {exc!r} (is KAFKA_BOOTSTRAP right and the broker up?)", file=sys.stderr)
             return 2
-        if isinstance(exc, KafkaUnavailable | AdminError | ConfigError | ValueError):
+        if isinstance(exc, KafkaUnavailable | AdminError | ConfigError | ClusterError | ValueError):
             print(f"signer: {exc}", file=sys.stderr)
             return 2
         raise
@@ -155,14 +156,21 @@ async def _dev_enclave(args: argparse.Namespace) -> int:
 async def _host() -> int:
     from .config import ConfigError, HostConfig
     from .host import HostWorker
-    from .http import serve_http
+    from .http import listen_socket, serve_http
 
     cfg = HostConfig.from_env()
     if not cfg.bootstrap:
         raise ConfigError("KAFKA_BOOTSTRAP is not set (HOST:PORT of the Kafka cluster)")
+    sock = listen_socket(cfg.http_host, cfg.http_port)  # a port in use: one line, before anything starts
     host = HostWorker(cfg)
-    await host.start()
-    runner, port = await serve_http(host, cfg.http_host, cfg.http_port)
+    try:
+        await host.start()
+        runner, port = await serve_http(host, cfg.http_host, cfg.http_port, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    # the readiness contract every process of the cluster keeps: HTTP endpoints and Kafka consumer are up
+    print(f"READY http://{cfg.http_host}:{port}", flush=True)
     print(f"host worker up; metrics on http://{cfg.http_host}:{port}/metrics", flush=True)
     run = asyncio.create_task(host.run())
     stop = asyncio.create_task(_until_signal())

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import socket
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .config import ConfigError
 from .host import HostWorker
 
 
@@ -32,11 +36,29 @@ def make_app(host: HostWorker) -> web.Application:
     return app
 
 
-async def serve_http(host: HostWorker, bind: str, port: int) -> tuple[web.AppRunner, int]:
-    """Start the HTTP endpoints; returns the runner (to clean up) and the bound port."""
+def listen_socket(bind: str, port: int) -> socket.socket:
+    """The endpoints' listening socket, bound now (before anything else starts): an address in use
+    is one line naming SIGNER_HTTP_PORT, not a traceback once everything else is up."""
+    try:
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        return socket.create_server((bind, port), family=family)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"SIGNER_HTTP_PORT={port}: {bind}:{port} is already in use (another signer on this machine?); "
+                "set SIGNER_HTTP_PORT to a free port, or 0 for any"
+            ) from None
+        raise ConfigError(f"SIGNER_HTTP_HOST={bind} SIGNER_HTTP_PORT={port}: cannot listen: {exc.strerror}") from None
+
+
+async def serve_http(
+    host: HostWorker, bind: str, port: int, sock: socket.socket | None = None
+) -> tuple[web.AppRunner, int]:
+    """Start the HTTP endpoints (on `sock` if given, from listen_socket); returns the runner (to clean
+    up) and the bound port."""
     runner = web.AppRunner(make_app(host), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, bind, port)
+    site: web.BaseSite = web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, bind, port)
     await site.start()
     # with port 0 the OS picks one: read it back from the listening socket
     sockets = getattr(site._server, "sockets", None) or []

@@ -7,13 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from eth_account import Account
 
-from broker.local_kafka import api_versions_ok
+from broker.local_kafka import api_versions_ok, free_port
+from signer.topology import ChildProcess
 from tests.conftest import ROOT
-from tests.procs import Proc
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "SIGNER_"))}
 
@@ -35,8 +36,8 @@ def test_main_job_signs_verifies_and_exits_zero() -> None:
 
 
 def test_up_serves_outside_producers_and_keys_create_reaches_it(tmp_path: Path) -> None:
-    up = Proc(["signer", "up"], env={**CLEAN_ENV, "SIGNER_HTTP_PORT": "0", "SIGNER_DATA_DIR": str(tmp_path / "data")},
-              log=tmp_path / "up.log")  # fmt: skip
+    up = ChildProcess("signer", ["up"], {**CLEAN_ENV, "SIGNER_HTTP_PORT": "0", "SIGNER_DATA_DIR": str(tmp_path / "data")},
+                      log=tmp_path / "up.log").spawn()  # fmt: skip
     try:
         line = up.wait_for_line("KAFKA_BOOTSTRAP=", timeout=180)
         bootstrap = line.split("=", 1)[1].strip()
@@ -86,3 +87,30 @@ def test_bad_configuration_is_one_line_naming_the_variable() -> None:
     out = run_cli("host", env={"KAFKA_BOOTSTRAP": "127.0.0.1:1", "SIGNER_MAX_BATCH": "lots"}, timeout=30)
     assert out.returncode == 2
     assert "SIGNER_MAX_BATCH='lots' is not an integer" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_second_up_on_the_same_data_dir_or_port_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    port = free_port()
+    first = ChildProcess("signer", ["up"], {**CLEAN_ENV, "SIGNER_HTTP_PORT": str(port),
+                         "SIGNER_DATA_DIR": str(tmp_path / "a")}, log=tmp_path / "first.log").spawn()  # fmt: skip
+    others: list[ChildProcess] = []
+    try:
+        first.wait_for_line("KAFKA_BOOTSTRAP=", timeout=180)  # announced: everything it started serves
+        cases = {
+            "same-dir": ({"SIGNER_HTTP_PORT": "0", "SIGNER_DATA_DIR": str(tmp_path / "a")}, "SIGNER_DATA_DIR="),
+            "same-port": ({"SIGNER_HTTP_PORT": str(port), "SIGNER_DATA_DIR": str(tmp_path / "b")}, "SIGNER_HTTP_PORT="),
+        }
+        for name, (env, names) in cases.items():
+            second = ChildProcess("signer", ["up"], {**CLEAN_ENV, **env}, log=tmp_path / f"{name}.log").spawn()
+            others.append(second)
+            assert second.wait(timeout=60) == 2, name
+            lines = (tmp_path / f"{name}.log").read_text().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"signer: {names}"), (name, lines)
+            assert not any(line.startswith("KAFKA_BOOTSTRAP=") for line in second.output), second.output
+        assert first.running  # the first cluster is untouched ...
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as r:
+            assert r.status == 200  # ... and still serves
+    finally:
+        for proc in others:
+            proc.stop()
+        assert first.stop(signal.SIGINT, timeout=60) == 0
