@@ -17,6 +17,7 @@ import pytest
 
 from broker.local_kafka import LocalKafka
 from broker.topics import TopicLayout
+from signer.topology import Topology
 
 
 @pytest.fixture(scope="session")
@@ -53,18 +54,11 @@ def layout() -> TopicLayout:
     )
 
 
-def layout_env(layout: TopicLayout) -> dict[str, str]:
-    """The environment variables that make a host process use this layout."""
-    return {
-        "SIGNER_TOPIC_REQUESTS": layout.requests,
-        "SIGNER_TOPIC_RESULTS": layout.results,
-        "SIGNER_TOPIC_DLQ": layout.dlq,
-        "SIGNER_TOPIC_ADMIN": layout.admin,
-        "SIGNER_TOPIC_ADMIN_REPLIES": layout.admin_replies,
-        "SIGNER_REQUEST_PARTITIONS": str(layout.request_partitions),
-        "SIGNER_RESULT_PARTITIONS": str(layout.result_partitions),
-        "SIGNER_GROUP_ID": f"g-{layout.requests}",
-    }
+def topology(tmp: Path, sock_dir: Path, bootstrap: str, layout: TopicLayout, **kw: Any) -> Topology:
+    """A topology (signer/topology.py) on the session's Kafka with the test's topics and a consumer
+    group of its own; child processes log to tmp/NAME.log, for diagnosis."""
+    return Topology(tmp, sock_dir=sock_dir, log_dir=tmp, bootstrap=bootstrap, layout=layout,
+                    group_id=f"g-{layout.requests}", **kw)  # fmt: skip
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Enclave worker processes for tests, and a scripted enclave peer for channel tests."""
+"""Enclave worker and dev KMS processes for synchronous tests (the wrapper and command lines of
+signer/topology.py), and a scripted enclave peer for channel tests."""
 
 from __future__ import annotations
 
@@ -10,21 +11,17 @@ from typing import Any
 
 from devkms.local import DEV_ACCESS_KEY_ID, DEV_SECRET_ACCESS_KEY, DevEnclave, provision_dev_enclave
 from schemas import frames
-from tests.procs import Proc
+from signer.topology import ChildProcess, enclave_process, kms_process, unix_url
 
 
 def start_enclave(
     sock_dir: Path, name: str, log_dir: Path, *, handler: str = "sign", credits: int = 4096,
-    env: dict[str, str] | None = None, pythonpath: str | None = None,
-) -> tuple[Proc, str]:  # fmt: skip
-    url = f"unix://{sock_dir / (name + '.sock')}"
-    proc = Proc(
-        ["enclave_worker", "--listen", url, "--enclave-id", name, "--credits", str(credits), "--handler", handler],
-        env=env,
-        log=log_dir / f"{name}.log",
-        pythonpath=pythonpath,
-    )
-    proc.wait_for_line("READY")
+    env: dict[str, str] | None = None,
+) -> tuple[ChildProcess, str]:  # fmt: skip
+    """An enclave worker listening at SOCK_DIR/NAME.sock, once READY; (process, URL)."""
+    url = unix_url(sock_dir, name)
+    proc = enclave_process(url, name, env, log=log_dir / f"{name}.log", handler=handler, credits=credits).spawn()
+    proc.wait_ready()
     return proc, url
 
 
@@ -122,17 +119,7 @@ async def dev_enclave(kms_url: str, tmp: Path, kms_key_arn: str | None = None) -
     return await provision_dev_enclave(kms_url, tmp / "devkms", tmp / "enclave", kms_key_arn)
 
 
-def start_devkms(data_dir: Path, log_dir: Path, env: dict[str, str] | None = None) -> tuple[Proc, str]:
-    proc = Proc(["devkms", "--data-dir", str(data_dir)], env=env, log=log_dir / "devkms.log")
-    line = proc.wait_for_line("READY")
-    return proc, line.split()[1]
-
-
-def kafka_operator(dev: DevEnclave, bootstrap: str, layout: Any) -> Any:
-    """The dev operator (signer.operator.AdminSession) reaching the cluster through Kafka, as the CLI does."""
-    from signer.admin_client import admin_call
-
-    async def call(op: str, args: dict[str, Any]) -> dict[str, Any]:
-        return await admin_call(bootstrap, op, args, layout)
-
-    return dev.admin(call)
+def start_devkms(data_dir: Path, log_dir: Path, env: dict[str, str] | None = None) -> tuple[ChildProcess, str]:
+    """The dev KMS on data_dir, once READY; (process, URL)."""
+    proc = kms_process(data_dir, env, log=log_dir / "devkms.log").spawn()
+    return proc, proc.wait_ready()

@@ -1,5 +1,5 @@
 """A small real cluster without Kafka: dev KMS and enclave worker processes, with the host's
-pool, key manager and key store in-process."""
+pool, key manager and key store in-process (signer/topology.py builds it)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ from eth_account import Account
 
 from signer.channel import ChannelSettings
 from signer.keys import KeyManager
-from signer.keystore import DirectoryKeyStore
 from signer.metrics import EnclaveStatsCollector, HostMetrics
 from signer.operator import AdminSession
 from signer.pool import EnclavePool, PoolSettings
-from tests.enclaves import dev_enclave, start_devkms, start_enclave, wait_until
-from tests.procs import Proc
+from signer.topology import Enclaves, Topology
+from tests.enclaves import wait_until
 
 
 class Rig:
@@ -29,10 +28,8 @@ class Rig:
         host_credentials: dict[str, str] | None = None,
     ) -> None:  # fmt: skip
         self.host_credentials = host_credentials  # if set: enclaves start without KMS credentials and get these
-        self.tmp, self.sock_dir, self.n, self.pythonpath = tmp, sock_dir, enclaves, pythonpath
-        self.procs: list[Proc] = []
-        self.kms_proc: Proc | None = None
-        self.kms_url = ""
+        self.tmp, self.n, self.pythonpath = tmp, enclaves, pythonpath
+        self.topology = Topology(tmp, sock_dir=sock_dir, log_dir=tmp)
         self.kms_key_id = ""
         self.urls: list[str] = []
         self.metrics = HostMetrics()
@@ -40,47 +37,34 @@ class Rig:
         self.keys: KeyManager | None = None
         self.admin: AdminSession | None = None  # the dev operator, over the key manager in-process
 
+    @property
+    def kms_url(self) -> str:
+        return self.topology.kms_url
+
     async def start(self, kms_key_id: str | None = None, url_wrap: Any = None) -> Rig:
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        self.kms_proc, self.kms_url = start_devkms(self.tmp / "devkms", self.tmp)
-        self.dev = await dev_enclave(self.kms_url, self.tmp, kms_key_id)
+        topo = self.topology
+        await topo.start_kms()
+        self.dev = await topo.provision(kms_key_id)
         self.kms_key_id = self.dev.kms_key_arn
-        env = self.dev.env
-        if self.host_credentials is not None:
-            env = {
-                k: v for k, v in env.items() if k not in ("SIGNER_KMS_ACCESS_KEY_ID", "SIGNER_KMS_SECRET_ACCESS_KEY")
-            }
-        for i in range(self.n):
-            proc, url = start_enclave(self.sock_dir, f"enc{i}", self.tmp, env=env, pythonpath=self.pythonpath)
-            self.procs.append(proc)
-            self.urls.append(await url_wrap(url) if url_wrap else url)
-        store = DirectoryKeyStore(self.tmp / "keystore")
-        settings = PoolSettings(connections_per_enclave=2, channel=ChannelSettings(heartbeat_interval_s=0.1))
-        self.pool = EnclavePool(self.urls, settings, self.metrics, prepare=self._prepare)
+        spec = Enclaves(self.n, "enc", pythonpath=self.pythonpath, kms_credentials=self.host_credentials is None)
+        for enclave in await topo.start_enclaves(spec):
+            self.urls.append(await url_wrap(enclave.url) if url_wrap else enclave.url)
         creds = self.host_credentials
-        self.keys = KeyManager(self.pool, store, credentials=(lambda: creds) if creds else None)
+        settings = PoolSettings(connections_per_enclave=2, channel=ChannelSettings(heartbeat_interval_s=0.1))
+        side = await topo.start_host_side(settings, urls=self.urls, metrics=self.metrics,
+                                          credentials=(lambda: creds) if creds else None)  # fmt: skip
+        self.pool, self.keys = side.pool, side.keys
         self.admin = self.dev.admin(self.keys.handle)
         EnclaveStatsCollector(self._stats, self.metrics.registry)
-        await self.pool.start(ready_timeout=20)
-        await wait_until(lambda: len(self.pool.live()) == 2 * self.n, what="all connections")  # type: ignore[union-attr]
+        await wait_until(lambda: len(side.pool.live()) == 2 * self.n, what="all connections")
         return self
-
-    async def _prepare(self, conn: Any) -> None:
-        assert self.keys is not None
-        await self.keys.load_into(conn)
 
     def _stats(self) -> dict[str, dict[str, Any]]:
         assert self.pool is not None
         return {c.enclave_id: c.enclave_stats for c in self.pool.connections if c.enclave_stats}
 
     async def stop(self) -> None:
-        if self.pool is not None:
-            await self.pool.close()
-        for p in self.procs:
-            p.stop()
-        self.procs = []
-        if self.kms_proc is not None:
-            self.kms_proc.stop()
+        await self.topology.aclose()
 
     async def create(
         self, scheme: str = "secp256k1", keyring: str = "default", policy: dict[str, Any] | None = None

@@ -25,12 +25,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from eth_account import Account
 
-from broker.local_kafka import LocalKafka, free_port
-from broker.topics import TopicLayout, ensure_topics
-from devkms.local import DevEnclave
-from tests.conftest import ROOT, layout_env
-from tests.enclaves import DEV_CREDS, dev_enclave, kafka_operator, start_enclave
-from tests.procs import Proc
+from broker.local_kafka import LocalKafka
+from broker.topics import TopicLayout
+from signer.topology import ChildProcess, Enclaves, Topology
+from tests.conftest import ROOT
 
 SUMMARY: list[dict[str, Any]] = []
 HOST_RSS_BOUND_KB = 500 * 1024
@@ -38,71 +36,66 @@ HOST_RSS_BOUND_KB = 500 * 1024
 
 @dataclass
 class Cluster:
-    tmp: Path
-    sock_dir: Path
-    kafka: LocalKafka = field(init=False)
-    layout: TopicLayout = field(default_factory=TopicLayout)
-    kms_port: int = field(default_factory=free_port)
-    kms: Proc | None = None
-    enclaves: dict[str, Proc] = field(default_factory=dict)
-    enclave_urls: dict[str, str] = field(default_factory=dict)
-    hosts: dict[str, Proc] = field(default_factory=dict)
+    """The topology under test (signer/topology.py), the keys created in it and what a scenario killed."""
+
+    topology: Topology
     killed: set[str] = field(default_factory=set)
-    dev: DevEnclave | None = None
     keys: list[dict[str, Any]] = field(default_factory=list)
 
     @property
+    def tmp(self) -> Path:
+        return self.topology.data_dir
+
+    @property
+    def layout(self) -> TopicLayout:
+        assert self.topology.layout is not None
+        return self.topology.layout
+
+    @property
+    def kafka(self) -> LocalKafka:
+        assert self.topology.kafka is not None
+        return self.topology.kafka
+
+    @property
     def kms_url(self) -> str:
-        return f"http://127.0.0.1:{self.kms_port}"
+        return self.topology.kms_url
 
-    def start_kms(self) -> None:
-        self.kms = Proc(["devkms", "--data-dir", str(self.tmp / "devkms"), "--port", str(self.kms_port)],
-                        env=DEV_CREDS, log=self.tmp / "devkms.log")  # fmt: skip
-        self.kms.wait_for_line("READY")
+    @property
+    def hosts(self) -> dict[str, ChildProcess]:
+        return {name: h.process for name, h in self.topology.hosts.items()}
 
-    def start_enclave(self, name: str) -> None:
-        proc, url = start_enclave(self.sock_dir, name, self.tmp, env=self.dev.env if self.dev else None)
-        self.enclaves[name] = proc
-        self.enclave_urls.setdefault(name, url)
-
-    def start_host(self, name: str, enclave_urls: list[str] | None = None, **extra: str) -> None:
-        env = {"KAFKA_BOOTSTRAP": self.kafka.bootstrap, "SIGNER_HTTP_PORT": "0",
-               "SIGNER_ENCLAVES": ",".join(enclave_urls or self.enclave_urls.values()),
-               "SIGNER_KEYSTORE_DIR": str(self.tmp / "keystore"),
-               "SIGNER_SESSION_TIMEOUT_MS": "6000", "SIGNER_DEAD_AFTER_MS": "2000", "SIGNER_HEARTBEAT_INTERVAL_MS": "300",
-               "SIGNER_LOG_LEVEL": "INFO", "SIGNER_MAX_IN_FLIGHT": "2000", **layout_env(self.layout), **extra}  # fmt: skip
-        host = Proc(["signer", "host"], env=env, log=self.tmp / f"{name}.log")
-        host.wait_for_line("host worker up", timeout=120)
-        self.hosts[name] = host
+    @property
+    def enclaves(self) -> dict[str, ChildProcess]:
+        return {name: e.process for name, e in self.topology.enclaves.items()}
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        proc = self.hosts.get(name) or self.enclaves[name]
-        proc.stop(sig, timeout=10)
+        self.topology.process(name).stop(sig, timeout=10)
         self.killed.add(name)
 
-    def stop(self) -> None:
-        for p in [*self.hosts.values(), *self.enclaves.values()]:
-            p.stop(signal.SIGKILL)
-        if self.kms is not None:
-            self.kms.stop()
-        self.kafka.stop()
+
+# hosts notice a dead or hung enclave within 2 s and a dead host's partitions move within 6 s
+HOST_SETTINGS = {"SIGNER_SESSION_TIMEOUT_MS": "6000", "SIGNER_DEAD_AFTER_MS": "2000",
+                 "SIGNER_HEARTBEAT_INTERVAL_MS": "300", "SIGNER_MAX_IN_FLIGHT": "2000"}  # fmt: skip
 
 
 async def make_cluster(tmp: Path, sock_dir: Path) -> Cluster:
-    c = Cluster(tmp, sock_dir)
-    c.layout = TopicLayout(request_partitions=6, result_partitions=3)
-    c.kafka = LocalKafka(data_dir=tmp / "kafka")
-    await asyncio.to_thread(c.kafka.start)
-    await ensure_topics(c.kafka.bootstrap, c.layout)
-    c.start_kms()
-    c.dev = await dev_enclave(c.kms_url, tmp)
-    for name in ("e0", "e1"):
-        c.start_enclave(name)
-    for name in ("h0", "h1"):
-        c.start_host(name)
-    operator = kafka_operator(c.dev, c.kafka.bootstrap, c.layout)
-    for i in range(6):
-        c.keys.append(await operator.create_key("secp256k1", f"r{i % 3}"))
+    layout = TopicLayout(request_partitions=6, result_partitions=3)
+    topo = Topology(tmp, sock_dir=sock_dir, log_dir=tmp, layout=layout, group_id=f"g-{layout.requests}",
+                    host_settings=HOST_SETTINGS, log_level="INFO")  # fmt: skip
+    c = Cluster(topo)
+    try:
+        await topo.start_kafka()
+        await topo.start_kms()
+        await topo.provision()
+        await topo.start_enclaves(Enclaves(2, "e"))
+        for name in ("h0", "h1"):
+            await topo.start_host(name)
+        operator = topo.operator()
+        for i in range(6):
+            c.keys.append(await operator.create_key("secp256k1", f"r{i % 3}"))
+    except BaseException:
+        await topo.aclose(kill=True)
+        raise
     return c
 
 
@@ -114,7 +107,7 @@ async def cluster(tmp_path: Path) -> Any:
     try:
         yield c
     finally:
-        c.stop()
+        await c.topology.aclose(kill=True)
         for p in sock_dir.iterdir():
             p.unlink()
         sock_dir.rmdir()
@@ -206,7 +199,7 @@ async def host_metric_ok(c: Cluster) -> None:
     for name, proc in {**c.hosts, **c.enclaves}.items():
         if name in c.killed:
             continue
-        assert proc.popen.poll() is None, f"{name} exited"
+        assert proc.running, f"{name} exited"
     for name, proc in c.hosts.items():
         if name in c.killed:
             continue
@@ -281,9 +274,9 @@ async def test_sigkill_of_an_enclave(cluster: Cluster) -> None:
 
 async def test_sigstop_of_an_enclave(cluster: Cluster) -> None:
     async def fault() -> None:
-        cluster.enclaves["e1"].popen.send_signal(signal.SIGSTOP)
+        cluster.enclaves["e1"].send_signal(signal.SIGSTOP)
         await asyncio.sleep(4)  # longer than the hosts' 2 s dead-after
-        cluster.enclaves["e1"].popen.send_signal(signal.SIGCONT)
+        cluster.enclaves["e1"].send_signal(signal.SIGCONT)
 
     await run_scenario(cluster, "SIGSTOP enclave 4 s", fault)
 
@@ -298,13 +291,12 @@ async def test_kafka_broker_restart(cluster: Cluster) -> None:
 
 async def test_kms_down_then_back(cluster: Cluster) -> None:
     async def fault() -> None:
-        assert cluster.kms is not None
-        cluster.kms.stop()
+        await cluster.topology.stop_kms()
         cluster.kill("e0")  # a fresh enclave process has no data key cached: it needs KMS
         cluster.killed.discard("e0")
-        cluster.start_enclave("e0")
+        await cluster.topology.start_enclave("e0")
         await asyncio.sleep(3)
-        cluster.start_kms()
+        await cluster.topology.start_kms()  # at the same address: the enclave configuration names it
 
     await run_scenario(cluster, "KMS down 3 s (cold enclave)", fault)
 
@@ -315,7 +307,7 @@ async def test_kms_throttling(cluster: Cluster) -> None:
             await s.post(f"{cluster.kms_url}/_dev/throttle", json={"next": 8})
         cluster.kill("e1")  # cold again: its keyrings must be unwrapped under throttling
         cluster.killed.discard("e1")
-        cluster.start_enclave("e1")
+        await cluster.topology.start_enclave("e1")
 
     await run_scenario(cluster, "KMS throttling (8 calls)", fault)
 
@@ -374,12 +366,13 @@ class FaultyLink:
 
 async def test_a_link_that_corrupts_and_drops_bytes(cluster: Cluster) -> None:
     c = cluster
-    link = FaultyLink(c.sock_dir / "faulty.sock", c.enclave_urls["e0"])
+    enclaves = c.topology.enclaves
+    link = FaultyLink(c.topology.sock_dir / "faulty.sock", enclaves["e0"].url)
     proxied = await link.start()
     for name in ("h0", "h1"):  # the hosts reach e0 only through the faulty link
         c.hosts[name].stop()
     for name in ("h0", "h1"):
-        await asyncio.to_thread(c.start_host, name, [proxied, c.enclave_urls["e1"]])
+        await c.topology.start_host(name, enclaves=[proxied, enclaves["e1"].url])
 
     async def fault() -> None:
         link.corrupt_next = True

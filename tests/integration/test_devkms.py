@@ -18,8 +18,8 @@ from devkms.policy import attested_keyring_policy
 from enclave_worker.attestation import DevProvider, measure_enclave_code
 from enclave_worker.cms import open_enveloped_data
 from enclave_worker.kms import KmsClient, KmsConfig, KmsError
+from signer.topology import ChildProcess
 from tests.enclaves import DEV_CREDS, start_devkms
-from tests.procs import Proc
 
 CONFIG = b'{"v": 1}'  # the enclave configuration's bytes are part of the dev measurement
 
@@ -155,7 +155,7 @@ async def test_key_material_survives_a_restart(tmp_path: Path) -> None:
 @pytest.fixture
 def moto_server(tmp_path: Path) -> Iterator[str]:
     port = free_port()
-    proc = Proc(["moto.server", "-H", "127.0.0.1", "-p", str(port)], log=tmp_path / "moto.log")
+    proc = ChildProcess("moto.server", ["-H", "127.0.0.1", "-p", str(port)], log=tmp_path / "moto.log").spawn()
     try:
         deadline = time.monotonic() + 60
         while True:  # readiness: the HTTP port answers
@@ -163,7 +163,7 @@ def moto_server(tmp_path: Path) -> Iterator[str]:
                 with socket.create_connection(("127.0.0.1", port), timeout=1):
                     break
             except OSError:
-                if proc.popen.poll() is not None or time.monotonic() > deadline:
+                if not proc.running or time.monotonic() > deadline:
                     raise RuntimeError(
                         f"moto server did not start: {(tmp_path / 'moto.log').read_text()[-500:]}"
                     ) from None

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,19 +26,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
-from broker.topics import TopicLayout, ensure_topics
+from broker.topics import TopicLayout
 from schemas.dlq import DlqRecord
-from tests.conftest import ROOT, committed_and_end_offsets, layout_env
-from tests.enclaves import dev_enclave, start_devkms
-from tests.procs import Proc
+from signer.topology import ChildProcess
+from tests.conftest import ROOT, committed_and_end_offsets, topology
 
 
 @dataclass
 class Cluster:
     bootstrap: str
     layout: TopicLayout
-    env: dict[str, str]
-    host: Proc
+    env: dict[str, str]  # the host's settings and the dev operator's: what `signer keys` needs
+    host: ChildProcess
     http_port: int
 
 
@@ -50,26 +49,16 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def cluster(bootstrap: str, layout: TopicLayout, sock_dir: Path, tmp_path: Path) -> Iterator[Cluster]:
-    import asyncio
-
-    asyncio.run(ensure_topics(bootstrap, layout))
-    kms, kms_url = start_devkms(tmp_path / "devkms", tmp_path)
-    url = f"unix://{sock_dir / 'enclave.sock'}"
-    dev = asyncio.run(dev_enclave(kms_url, tmp_path))
-    env = {"KAFKA_BOOTSTRAP": bootstrap, "SIGNER_ENCLAVES": url, "SIGNER_HTTP_PORT": "0",
-           "SIGNER_MAX_BATCH": "64", "SIGNER_KEYSTORE_DIR": str(tmp_path / "keystore"),
-           **dev.cli_env(), **layout_env(layout)}  # fmt: skip
-    with kms, Proc(["enclave_worker", "--listen", url, "--enclave-id", "enclave-e2e"],
-                   env=dev.env, log=tmp_path / "enclave.log") as enc:  # fmt: skip
-        enc.wait_for_line("READY")
-        host = Proc(["signer", "host"], env=env, log=tmp_path / "host.log")
-        try:
-            line = host.wait_for_line("host worker up")
-            port = int(line.rsplit(":", 1)[1].split("/")[0])
-            yield Cluster(bootstrap, layout, env, host, port)
-        finally:
-            host.stop()
+async def cluster(bootstrap: str, layout: TopicLayout, sock_dir: Path, tmp_path: Path) -> AsyncIterator[Cluster]:
+    topo = topology(tmp_path, sock_dir, bootstrap, layout)
+    try:
+        await topo.start_kms()
+        dev = await topo.provision()
+        await topo.start_enclave("enclave-e2e")
+        host = await topo.start_host(settings={"SIGNER_MAX_BATCH": "64"})
+        yield Cluster(bootstrap, layout, {**host.config.to_env(), **dev.cli_env()}, host.process, host.port)
+    finally:
+        await topo.aclose()
 
 
 def create_key(c: Cluster, scheme: str) -> dict[str, Any]:

@@ -21,76 +21,38 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from eth_account import Account
 
-from broker.topics import TopicLayout, ensure_topics
-from devkms.local import DevEnclave
-from tests.conftest import committed_and_end_offsets, layout_env
-from tests.enclaves import dev_enclave, kafka_operator, start_devkms, start_enclave
-from tests.procs import Proc
+from broker.topics import TopicLayout
+from signer.topology import Enclaves, Topology
+from tests.conftest import committed_and_end_offsets, topology
+
+# hosts fail over quickly, and log at INFO to their files (for diagnosis)
+HOST_SETTINGS = {"SIGNER_SESSION_TIMEOUT_MS": "6000", "SIGNER_TRANSACTION_TIMEOUT_MS": "8000"}
 
 
-class HostCluster:
-    """Dev KMS + enclave worker processes + any number of `signer host` processes in one group."""
-
-    def __init__(self, bootstrap: str, layout: TopicLayout, tmp: Path, sock_dir: Path, enclave_query: str = "") -> None:
-        self.bootstrap, self.layout, self.tmp, self.sock_dir = bootstrap, layout, tmp, sock_dir
-        self.enclave_query = enclave_query
-        self.procs: list[Proc] = []
-        self.urls: list[str] = []
-        self.dev: DevEnclave | None = None
-        self.hosts: dict[str, Proc] = {}
-        self.ports: dict[str, int] = {}
-
-    async def start(self) -> HostCluster:
-        await ensure_topics(self.bootstrap, self.layout)
-        kms, kms_url = start_devkms(self.tmp / "devkms", self.tmp)
-        self.procs.append(kms)
-        self.dev = await dev_enclave(kms_url, self.tmp)
-        for i in range(2):
-            proc, url = start_enclave(self.sock_dir, f"enc{i}", self.tmp, env=self.dev.env)
-            self.procs.append(proc)
-            self.urls.append(url + self.enclave_query)
-        return self
-
-    def env(self, **extra: str) -> dict[str, str]:
-        return {
-            "KAFKA_BOOTSTRAP": self.bootstrap,
-            "SIGNER_ENCLAVES": ",".join(self.urls),
-            "SIGNER_HTTP_PORT": "0",
-            "SIGNER_KEYSTORE_DIR": str(self.tmp / "keystore"),
-            "SIGNER_SESSION_TIMEOUT_MS": "6000",
-            "SIGNER_TRANSACTION_TIMEOUT_MS": "8000",
-            "SIGNER_LOG_LEVEL": "INFO",  # the host logs go to files, for diagnosis
-            **layout_env(self.layout),
-            **extra,
-        }
-
-    def start_host(self, name: str, **extra: str) -> Proc:
-        host = Proc(["signer", "host"], env=self.env(**extra), log=self.tmp / f"{name}.log")
-        line = host.wait_for_line("host worker up", timeout=90)
-        self.ports[name] = int(line.rsplit(":", 1)[1].split("/")[0])
-        self.hosts[name] = host
-        return host
-
-    def stop(self) -> None:
-        for h in self.hosts.values():
-            h.stop(signal.SIGKILL)
-        for p in reversed(self.procs):
-            p.stop()
+async def host_cluster(bootstrap: str, layout: TopicLayout, tmp: Path, sock_dir: Path, link: str = "") -> Topology:
+    """Dev KMS + two enclave worker processes; `signer host` processes join with start_host()."""
+    c = topology(tmp, sock_dir, bootstrap, layout, host_settings=HOST_SETTINGS, log_level="INFO")
+    try:
+        await c.start_kms()
+        await c.provision()
+        await c.start_enclaves(Enclaves(2, "enc", link=link))
+    except BaseException:
+        await c.aclose(kill=True)
+        raise
+    return c
 
 
 @pytest.fixture
-async def cluster(bootstrap: str, layout: TopicLayout, tmp_path: Path, sock_dir: Path) -> AsyncIterator[HostCluster]:
-    c = HostCluster(bootstrap, layout, tmp_path, sock_dir)
+async def cluster(bootstrap: str, layout: TopicLayout, tmp_path: Path, sock_dir: Path) -> AsyncIterator[Topology]:
+    c = await host_cluster(bootstrap, layout, tmp_path, sock_dir)
     try:
-        await c.start()
         yield c
     finally:
-        c.stop()
+        await c.aclose(kill=True)
 
 
-async def create_keys(c: HostCluster, n: int) -> list[dict[str, Any]]:
-    assert c.dev is not None
-    operator = kafka_operator(c.dev, c.bootstrap, c.layout)
+async def create_keys(c: Topology, n: int) -> list[dict[str, Any]]:
+    operator = c.operator()
     return [await operator.create_key("secp256k1", f"r{i % 3}") for i in range(n)]
 
 
@@ -182,9 +144,9 @@ async def metric(port: int, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-async def _kill_one_mid_run(c: HostCluster, read_committed: bool, **host_env: str) -> None:
-    c.start_host("a", **host_env)
-    c.start_host("b", **host_env)
+async def _kill_one_mid_run(c: Topology, read_committed: bool, **host_env: str) -> None:
+    await c.start_host("a", settings=host_env)
+    await c.start_host("b", settings=host_env)
     keys = await create_keys(c, 12)
     reqs = requests_for(keys, 10_000, "k")
     async with ResultReader(c.bootstrap, c.layout.results, read_committed=read_committed) as reader:
@@ -192,7 +154,7 @@ async def _kill_one_mid_run(c: HostCluster, read_committed: bool, **host_env: st
         async with asyncio.timeout(60):
             while reader.count < 2000:  # noqa: ASYNC110 - wait until the run is well under way
                 await asyncio.sleep(0.02)
-        c.hosts["a"].stop(signal.SIGKILL)
+        c.hosts["a"].process.stop(signal.SIGKILL)
         await reader.wait_for({r["request_id"] for r in reqs}, timeout=120)
         await reader.settle()
         check_signed(reqs, keys, reader.by_id)
@@ -202,25 +164,24 @@ async def _kill_one_mid_run(c: HostCluster, read_committed: bool, **host_env: st
         assert not dupes, f"{len(dupes)} request ids have more than one committed result"
 
 
-async def test_two_hosts_one_killed_mid_run_every_request_gets_a_valid_result(cluster: HostCluster) -> None:
+async def test_two_hosts_one_killed_mid_run_every_request_gets_a_valid_result(cluster: Topology) -> None:
     await _kill_one_mid_run(cluster, read_committed=False)
 
 
-async def test_exactly_once_mode_one_result_per_request_across_a_crash(cluster: HostCluster) -> None:
+async def test_exactly_once_mode_one_result_per_request_across_a_crash(cluster: Topology) -> None:
     await _kill_one_mid_run(cluster, read_committed=True, SIGNER_EXACTLY_ONCE="true")
 
 
 async def test_producers_outrunning_a_slow_enclave_pause_partitions_and_stay_bounded(
     bootstrap: str, layout: TopicLayout, tmp_path: Path, sock_dir: Path
 ) -> None:
-    c = HostCluster(bootstrap, layout, tmp_path, sock_dir, enclave_query="?latency_ms=40")
+    c = await host_cluster(bootstrap, layout, tmp_path, sock_dir, link="?latency_ms=40")
     try:
-        await c.start()
-        host = c.start_host("slow", SIGNER_MAX_IN_FLIGHT="300", SIGNER_RESUME_BELOW="100", SIGNER_MAX_BATCH="100",
-                            SIGNER_FRAME_MAX_REQUESTS="20")  # fmt: skip
+        host = await c.start_host("slow", settings={"SIGNER_MAX_IN_FLIGHT": "300", "SIGNER_RESUME_BELOW": "100",
+                                                    "SIGNER_MAX_BATCH": "100", "SIGNER_FRAME_MAX_REQUESTS": "20"})  # fmt: skip
         keys = await create_keys(c, 6)
         reqs = requests_for(keys, 4000, "p")
-        port = c.ports["slow"]
+        port = host.port
         peak_in_flight, paused_seen, peak_rss = 0.0, 0.0, 0
         async with ResultReader(c.bootstrap, c.layout.results) as reader:
             await produce(c.bootstrap, c.layout.requests, [(r["key_id"].encode(), msgpack.packb(r)) for r in reqs])
@@ -228,7 +189,9 @@ async def test_producers_outrunning_a_slow_enclave_pause_partitions_and_stay_bou
                 while len(reader.by_id) < len(reqs):
                     peak_in_flight = max(peak_in_flight, await metric(port, "signer_in_flight"))
                     paused_seen = max(paused_seen, await metric(port, "signer_paused_partitions"))
-                    rss = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{host.pid}/status").read_text()).group(1))
+                    rss = int(
+                        re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{host.process.pid}/status").read_text()).group(1)
+                    )
                     peak_rss = max(peak_rss, rss)
                     await asyncio.sleep(0.05)
             check_signed(reqs, keys, reader.by_id)
@@ -237,12 +200,12 @@ async def test_producers_outrunning_a_slow_enclave_pause_partitions_and_stay_bou
         assert await metric(port, "signer_paused_partitions") == 0  # ... and resumed them
         assert peak_rss < 400 * 1024, f"host RSS peaked at {peak_rss} kB"
     finally:
-        c.stop()
+        await c.aclose(kill=True)
 
 
-async def test_malformed_records_go_to_the_dlq_while_good_ones_are_signed(cluster: HostCluster) -> None:
+async def test_malformed_records_go_to_the_dlq_while_good_ones_are_signed(cluster: Topology) -> None:
     c = cluster
-    c.start_host("a")
+    await c.start_host("a")
     keys = await create_keys(c, 4)
     good = requests_for(keys, 1000, "g")
     bad: list[bytes] = []
@@ -288,9 +251,9 @@ async def test_malformed_records_go_to_the_dlq_while_good_ones_are_signed(cluste
         }
 
 
-async def test_sigterm_drains_and_nothing_is_redelivered(cluster: HostCluster) -> None:
+async def test_sigterm_drains_and_nothing_is_redelivered(cluster: Topology) -> None:
     c = cluster
-    first = c.start_host("first", SIGNER_SHUTDOWN_TIMEOUT_S="150")
+    first = await c.start_host("first", settings={"SIGNER_SHUTDOWN_TIMEOUT_S": "150"})
     keys = await create_keys(c, 6)
     reqs = requests_for(keys, 4000, "s")
     async with ResultReader(c.bootstrap, c.layout.results) as reader:
@@ -298,16 +261,16 @@ async def test_sigterm_drains_and_nothing_is_redelivered(cluster: HostCluster) -
         async with asyncio.timeout(60):
             while reader.count < 500:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
-        assert first.stop(signal.SIGTERM, timeout=180) == 0  # drained, committed, left the group
-        assert "shutdown_timeout" not in (c.tmp / "first.log").read_text()
+        assert first.process.stop(signal.SIGTERM, timeout=180) == 0  # drained, committed, left the group
+        assert "shutdown_timeout" not in (c.data_dir / "first.log").read_text()
         done_by_first = set(reader.by_id)
-        c.start_host("second")
+        await c.start_host("second")
         await reader.wait_for({r["request_id"] for r in reqs})
         await reader.settle()
         dupes = [k for k, v in reader.by_id.items() if len(v) > 1]
         assert not dupes, f"{len(dupes)} results were redone after a graceful shutdown"
         assert 500 <= len(done_by_first) < len(reqs)
         check_signed(reqs, keys, reader.by_id)
-    committed, ends = await committed_and_end_offsets(c.bootstrap, c.env()["SIGNER_GROUP_ID"], c.layout)
-    c.hosts["second"].stop(signal.SIGTERM)
+    committed, ends = await committed_and_end_offsets(c.bootstrap, first.config.group_id, first.config.layout)
+    c.hosts["second"].process.stop(signal.SIGTERM)
     assert all(committed[tp] == end for tp, end in ends.items())

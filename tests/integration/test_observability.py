@@ -12,7 +12,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,10 @@ import yaml
 from aiokafka import AIOKafkaProducer
 
 from broker.local_kafka import free_port
-from broker.topics import TopicLayout, ensure_topics
+from broker.topics import TopicLayout
 from signer.pool import _score
-from tests.conftest import ROOT, layout_env
-from tests.enclaves import dev_enclave, kafka_operator, start_devkms, start_enclave
-from tests.procs import Proc
+from signer.topology import Topology
+from tests.conftest import ROOT, topology
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "signer.json"
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
@@ -93,31 +92,23 @@ def rules() -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in reversed(started):
-        p.stop()
+async def cluster(bootstrap: str, layout: TopicLayout, tmp_path: Path, sock_dir: Path) -> AsyncIterator[Topology]:
+    c = topology(tmp_path, sock_dir, bootstrap, layout)
+    try:
+        yield c
+    finally:
+        await c.aclose()
 
 
 async def test_dashboard_and_alerts_return_data_and_the_slow_link_is_named(
-    bootstrap: str, layout: TopicLayout, tmp_path: Path, sock_dir: Path, procs: list[Proc]
+    bootstrap: str, layout: TopicLayout, tmp_path: Path, cluster: Topology
 ) -> None:
-    await ensure_topics(bootstrap, layout)
-    kms, kms_url = start_devkms(tmp_path / "devkms", tmp_path)
-    procs.append(kms)
-    dev = await dev_enclave(kms_url, tmp_path)
-    env = dev.env
-    fast, fast_url = start_enclave(sock_dir, "fast", tmp_path, env=env)
-    slow, slow_url = start_enclave(sock_dir, "slow", tmp_path, env=env)
-    procs += [fast, slow]
-    slow_url += "?latency_ms=30"  # the emulated vsock link to this enclave is slow
-    host_env = {"KAFKA_BOOTSTRAP": bootstrap, "SIGNER_ENCLAVES": f"{fast_url},{slow_url}", "SIGNER_HTTP_PORT": "0",
-                "SIGNER_KEYSTORE_DIR": str(tmp_path / "keystore"),
-                **layout_env(layout)}  # fmt: skip
-    host = Proc(["signer", "host"], env=host_env, log=tmp_path / "host.log")
-    procs.append(host)
-    port = int(host.wait_for_line("host worker up", timeout=90).rsplit(":", 1)[1].split("/")[0])
+    await cluster.start_kms()
+    await cluster.provision()
+    fast = await cluster.start_enclave("fast")
+    slow = await cluster.start_enclave("slow", link="?latency_ms=30")  # the emulated vsock link to it is slow
+    fast_url, slow_url = fast.url, slow.url
+    port = (await cluster.start_host(timeout=90)).port
     prom = Prometheus(tmp_path, f"127.0.0.1:{port}")
     try:
         # keyrings chosen so that both enclaves own some (rendezvous hashing, as the pool does it)
@@ -128,7 +119,7 @@ async def test_dashboard_and_alerts_return_data_and_the_slow_link_is_named(
             for r in rings
             if r not in slow_rings and max((fast_url, slow_url), key=lambda u: _score(r, u)) == fast_url
         ][:3]
-        operator = kafka_operator(dev, bootstrap, layout)
+        operator = cluster.operator()
         keys = [await operator.create_key("secp256k1", r) for r in slow_rings + fast_rings]
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
         await producer.start()

@@ -19,8 +19,8 @@ from eth_account import Account
 from prometheus_client import generate_latest
 
 from signer.keys import KeyOpError
+from tests.conftest import ROOT
 from tests.enclaves import wait_until
-from tests.procs import ROOT
 from tests.rig import Rig, digest_req, recovered
 
 

@@ -20,11 +20,9 @@ from devkms.local import DevEnclave, dev_credentials
 from enclave_worker.kms import KmsClient, KmsConfig
 from schemas import frames
 from signer.keys import KeyManager
-from signer.keystore import DirectoryKeyStore
 from signer.operator import AdminSession
 from signer.pool import EnclavePool, PoolSettings
-from tests.enclaves import dev_enclave, start_devkms, start_enclave
-from tests.procs import Proc
+from signer.topology import ChildProcess, Enclaves, Topology
 
 
 class HostileChannel:
@@ -85,35 +83,41 @@ class HostileChannel:
 
 @dataclass
 class Stage:
-    """Dev KMS + enclave worker processes + the honest host's parts (for the operator's legitimate work)."""
+    """Dev KMS + enclave worker processes + the honest host's parts (for the operator's legitimate
+    work), built by signer/topology.py."""
 
     tmp: Path
     sock_dir: Path
-    procs: list[Proc] = field(default_factory=list)
+    topology: Topology = field(init=False)
     urls: list[str] = field(default_factory=list)
     dev: DevEnclave | None = None
-    kms_url: str = ""
     pool: EnclavePool | None = None
     keys: KeyManager | None = None
     operator: AdminSession | None = None
 
+    def __post_init__(self) -> None:
+        self.topology = Topology(self.tmp, sock_dir=self.sock_dir, log_dir=self.tmp)
+
+    @property
+    def kms_url(self) -> str:
+        return self.topology.kms_url
+
+    @property
+    def enclaves(self) -> list[ChildProcess]:
+        return [e.process for e in self.topology.enclaves.values()]
+
     async def start(self, enclaves: int = 1, env: dict[str, str] | None = None) -> Stage:
-        proc, self.kms_url = start_devkms(self.tmp / "devkms", self.tmp)
-        self.procs.append(proc)
-        self.dev = await dev_enclave(self.kms_url, self.tmp)
-        for i in range(enclaves):
-            enc, url = start_enclave(self.sock_dir, f"enc{i}", self.tmp, env={**self.dev.env, **(env or {})})
-            self.procs.append(enc)
-            self.urls.append(url)
-        self.pool = EnclavePool(self.urls, PoolSettings(connections_per_enclave=1), prepare=self._prepare)
-        self.keys = KeyManager(self.pool, DirectoryKeyStore(self.tmp / "keystore"))
-        await self.pool.start(ready_timeout=20)
+        await self.topology.start_kms()
+        self.dev = await self.topology.provision()
+        self.urls = [e.url for e in await self.topology.start_enclaves(Enclaves(enclaves, "enc", env=env or {}))]
+        side = await self.topology.start_host_side(PoolSettings(connections_per_enclave=1))
+        self.pool, self.keys = side.pool, side.keys
         self.operator = self.dev.admin(self.keys.handle)
         return self
 
-    async def _prepare(self, conn: Any) -> None:
-        assert self.keys is not None
-        await self.keys.load_into(conn)
+    async def start_enclave(self, name: str, env: dict[str, str] | None = None) -> str:
+        """Another enclave worker (the dev configuration unless env says otherwise); its URL."""
+        return (await self.topology.start_enclave(name, env=env)).url
 
     def attacker_kms(self) -> KmsClient:
         """KMS as the host can use it: its own credentials, any key it creates."""
@@ -125,15 +129,12 @@ class Stage:
         return await HostileChannel.open(self.urls[i])
 
     async def stop(self) -> None:
-        if self.pool is not None:
-            await self.pool.close()
-        for p in reversed(self.procs):
-            p.stop()
+        await self.topology.aclose()
 
 
-def enclave_rss_kib(proc: Proc) -> int:
+def enclave_rss_kib(proc: ChildProcess) -> int:
     """Resident memory of an enclave worker process (VmRSS), in KiB."""
-    for line in Path(f"/proc/{proc.popen.pid}/status").read_text().splitlines():
+    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")

@@ -221,7 +221,7 @@ HOSTILE_FRAMES = {
 
 @pytest.mark.parametrize("name", sorted(HOSTILE_FRAMES))
 async def test_a_hostile_frame_costs_no_unbounded_memory(stage: Stage, name: str) -> None:
-    before = enclave_rss_kib(stage.procs[1])
+    before = enclave_rss_kib(stage.enclaves[0])
     ch = await stage.channel()
     await ch.send(HOSTILE_FRAMES[name])
     try:
@@ -234,7 +234,7 @@ async def test_a_hostile_frame_costs_no_unbounded_memory(stage: Stage, name: str
         pass  # a dropped connection is an acceptable answer
     await ch.close()
     await _serves(stage, 0)
-    assert enclave_rss_kib(stage.procs[1]) - before < RSS_SLACK_KIB
+    assert enclave_rss_kib(stage.enclaves[0]) - before < RSS_SLACK_KIB
 
 
 # -- the hostile-host fuzzer: well-formed frames with adversarial values -------------------------------------
@@ -317,7 +317,7 @@ async def test_fuzzed_frames_from_a_hostile_host_end_in_refusals(stage: Stage) -
         await stage.operator.create_key("ed25519", "kr"),
     ]
     key_ids = [k["key_id"] for k in keys] + ["k_unknown"]
-    before = enclave_rss_kib(stage.procs[1])
+    before = enclave_rss_kib(stage.enclaves[0])
     outcomes: dict[str, int] = {}
 
     @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
@@ -329,7 +329,7 @@ async def test_fuzzed_frames_from_a_hostile_host_end_in_refusals(stage: Stage) -
     loop = asyncio.get_running_loop()
     await asyncio.to_thread(run)
     await _serves(stage, 0)
-    assert enclave_rss_kib(stage.procs[1]) - before < RSS_SLACK_KIB
+    assert enclave_rss_kib(stage.enclaves[0]) - before < RSS_SLACK_KIB
     assert sum(outcomes.values()) == FUZZ_EXAMPLES, outcomes
     assert outcomes.get("signed_against_policy", 0) == 0, outcomes
 
@@ -377,7 +377,7 @@ async def test_requests_waiting_for_a_keyring_are_bounded_in_bytes(stage: Stage)
         "domain": {"name": "x"},
         "message": {"s": "y" * 200_000},
     }
-    before = enclave_rss_kib(stage.procs[1 + cold])
+    before = enclave_rss_kib(stage.enclaves[cold])
     async with aiohttp.ClientSession() as s:
         await s.post(f"{stage.kms_url}/_dev/throttle", json={"next": 100_000})
     try:
@@ -403,7 +403,7 @@ async def test_requests_waiting_for_a_keyring_are_bounded_in_bytes(stage: Stage)
             except ConnectionError:
                 break
         assert await ch.closed(timeout=20)
-        assert enclave_rss_kib(stage.procs[1 + cold]) - before < RSS_SLACK_KIB
+        assert enclave_rss_kib(stage.enclaves[cold]) - before < RSS_SLACK_KIB
     finally:
         async with aiohttp.ClientSession() as s:
             await s.post(f"{stage.kms_url}/_dev/throttle", json={"next": 0})

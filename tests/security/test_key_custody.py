@@ -29,7 +29,6 @@ from enclave_worker.kms import KmsError
 from enclave_worker.trust import ConfigError, parse_config
 from schemas.operations import import_label, packb
 from signer.operator import AdminSession, OperatorKey, ReceiptError, verify_enclave
-from tests.enclaves import start_enclave
 from tests.rig import digest_req, recovered
 from tests.security.hostile import Stage
 
@@ -381,22 +380,17 @@ async def test_an_enclave_with_a_loosened_configuration_is_refused_its_keys(stag
         Encoding.Raw, PublicFormat.Raw).hex()  # fmt: skip
     loosened = stage.tmp / "loosened.json"
     loosened.write_text(json.dumps(config))
-    proc, url = start_enclave(
-        stage.sock_dir, "loose", stage.tmp, env={**stage.dev.env, "ENCLAVE_CONFIG": str(loosened)}
-    )
-    try:
-        from signer.pool import EnclavePool, PoolSettings
+    url = await stage.start_enclave("loose", env={"ENCLAVE_CONFIG": str(loosened)})
+    from signer.pool import EnclavePool, PoolSettings
 
-        assert stage.keys is not None
-        pool = EnclavePool([url], PoolSettings(connections_per_enclave=1), prepare=stage.keys.load_into)
-        await pool.start(ready_timeout=20)
-        try:
-            res = await pool.submit_many([("kr", msgpack.packb(digest_req("x", key["key_id"])))])
-            assert (res[0]["status"], res[0]["error"]["code"]) == ("error", "kms_access_denied"), res
-        finally:
-            await pool.close()
+    assert stage.keys is not None
+    pool = EnclavePool([url], PoolSettings(connections_per_enclave=1), prepare=stage.keys.load_into)
+    await pool.start(ready_timeout=20)
+    try:
+        res = await pool.submit_many([("kr", msgpack.packb(digest_req("x", key["key_id"])))])
+        assert (res[0]["status"], res[0]["error"]["code"]) == ("error", "kms_access_denied"), res
     finally:
-        proc.stop()
+        await pool.close()
 
 
 async def test_every_key_operation_gets_a_typed_reply(stage: Stage) -> None:

@@ -30,7 +30,7 @@ import msgpack
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from broker.topics import TopicLayout, ensure_topics
+from broker.topics import TopicLayout
 from schemas import frames
 from schemas.dlq import DlqRecord
 from schemas.refusals import Code
@@ -38,9 +38,8 @@ from signer.channel import ChannelSettings
 from signer.config import ConfigError, HostConfig
 from signer.metrics import HostMetrics
 from signer.pool import EnclavePool, PoolSettings
-from tests.conftest import committed_and_end_offsets, layout_env
+from tests.conftest import committed_and_end_offsets, topology
 from tests.enclaves import ScriptedEnclave, wait_until
-from tests.procs import Proc
 
 POISON = "r-poison"
 
@@ -288,24 +287,17 @@ async def test_through_the_host_the_poison_request_gets_a_result_and_a_dlq_recor
     scripted_pair: tuple[Poisoned, list[ScriptedEnclave]], exactly_once: bool,
 ) -> None:  # fmt: skip
     script, enclaves = scripted_pair
-    await ensure_topics(bootstrap, layout)
-    env = {
-        "KAFKA_BOOTSTRAP": bootstrap,
-        "SIGNER_ENCLAVES": ",".join(e.url for e in enclaves),
-        "SIGNER_HTTP_PORT": "0",
-        "SIGNER_KEYSTORE_DIR": str(tmp_path / "keystore"),
+    topo = topology(tmp_path, tmp_path, bootstrap, layout, log_level="INFO")
+    settings = {
         "SIGNER_SESSION_TIMEOUT_MS": "6000",
         "SIGNER_TRANSACTION_TIMEOUT_MS": "8000",
         "SIGNER_HEARTBEAT_INTERVAL_MS": "100",
         "SIGNER_EXACTLY_ONCE": "true" if exactly_once else "false",
-        "SIGNER_LOG_LEVEL": "INFO",
-        **layout_env(layout),
     }
-    host = Proc(["signer", "host"], env=env, log=tmp_path / "host.log")
     try:
-        # the scripted enclaves live on this event loop: wait for the host in a thread so they can answer it
-        line = await asyncio.to_thread(host.wait_for_line, "host worker up", 90)
-        port = int(line.rsplit(":", 1)[1].split("/")[0])
+        # the scripted enclaves live on this event loop: waiting for the host's READY line does not block it
+        started = await topo.start_host(settings=settings, enclaves=[e.url for e in enclaves], timeout=90)
+        host, port = started.process, started.port
         ids = [f"k{i}" for i in range(400)]
         ids[123] = POISON
         raws = {rid: _request(rid, key_id=f"key-{i % 7}") for i, rid in enumerate(ids)}
@@ -322,7 +314,7 @@ async def test_through_the_host_the_poison_request_gets_a_result_and_a_dlq_recor
             await wait_until(lambda: set(ids) <= set(results.by("request_id")) and dlq.records, timeout=90,
                              what="a result for every request and the DLQ record")  # fmt: skip
             # the host commits what is done within its commit interval (or its transaction): wait for it
-            group = env["SIGNER_GROUP_ID"]
+            group = started.config.group_id
             async with asyncio.timeout(30):
                 while True:
                     committed, ends = await committed_and_end_offsets(bootstrap, group, layout)
@@ -353,6 +345,6 @@ async def test_through_the_host_the_poison_request_gets_a_result_and_a_dlq_recor
         assert _sample(text, 'signer_poison_requests_total{reason="closed"}') == 1
         assert _sample(text, 'signer_dlq_records_total{reason="poison_request"}') == 1
         assert _sample(text, 'signer_requests_total{scheme="secp256k1_digest",status="ok"}') >= len(ids) - 1
-        assert await asyncio.to_thread(host.stop, signal.SIGTERM, 60) == 0
+        assert await host.astop(signal.SIGTERM, 60) == 0
     finally:
-        await asyncio.to_thread(host.stop, signal.SIGKILL)
+        await topo.aclose(kill=True)

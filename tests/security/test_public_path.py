@@ -14,7 +14,8 @@ from typing import Any
 
 import msgpack
 
-from tests.integration.test_host import HostCluster, ResultReader, check_signed, cluster, produce  # noqa: F401
+from signer.topology import Topology
+from tests.integration.test_host import ResultReader, check_signed, cluster, produce  # noqa: F401
 
 DIGESTS = 50
 PROMPT_S = 10.0  # before the enclave's checks and caps, the ordinary requests waited ~44 s
@@ -29,12 +30,9 @@ def hostile_typed_data(target_bytes: int = 240_000) -> dict[str, Any]:
     return {"types": types, "primaryType": "Mail", "domain": {"name": "x", "chainId": 1}, "message": {"contents": []}}
 
 
-async def test_a_hostile_typed_data_record_does_not_stall_the_cluster(cluster: HostCluster) -> None:  # noqa: F811
-    cluster.start_host("h")
-    assert cluster.dev is not None
-    from tests.enclaves import kafka_operator
-
-    operator = kafka_operator(cluster.dev, cluster.bootstrap, cluster.layout)
+async def test_a_hostile_typed_data_record_does_not_stall_the_cluster(cluster: Topology) -> None:  # noqa: F811
+    await cluster.start_host("h")
+    operator = cluster.operator()
     client = {"payments": {"scheme": "ed25519", "public_key": "11" * 32}}
     guarded = await operator.create_key("secp256k1", "r0", {"schemes": ["eth_tx"], "require_auth": True,
                                                               "clients": client})  # fmt: skip

@@ -13,7 +13,6 @@ import pytest
 from devkms.pki import load_dev_pki
 from schemas import frames
 from signer.operator import AdminSession, OperatorKey, ReceiptError
-from tests.enclaves import start_enclave
 from tests.rig import digest_req, recovered
 from tests.security.hostile import HostileChannel, Stage
 
@@ -86,15 +85,12 @@ async def test_a_version_swapped_in_during_create_cannot_mislabel_the_key(stage:
     key = await _session(stage, relay).create_key("secp256k1", "fresh")
     assert key["dek_version"] == seen["sealed"]["dek_version"] == seen["envelope"]["dek_version"] == 1
     # what the key store would hold opens, in this enclave and in a fresh one
-    proc, url = start_enclave(stage.sock_dir, "fresh", stage.tmp, env=stage.dev.env)
-    try:
-        for channel in (ch, await HostileChannel.open(url)):
-            load = {"envelopes": [seen["envelope"]], "keys": [seen["sealed"]]}
-            assert (await channel.key_op("keyrings.load", load))["ok"]
-            req = digest_req("after", key["key_id"])
-            await channel.send({"t": frames.SIGN, "items": [[1, msgpack.packb(req)]]})
-            (res,) = (await channel.results(1)).values()
-            assert res["status"] == "ok" and recovered(req, res) == key["address"], res
-            await channel.close()
-    finally:
-        proc.stop()
+    url = await stage.start_enclave("fresh")
+    for channel in (ch, await HostileChannel.open(url)):
+        load = {"envelopes": [seen["envelope"]], "keys": [seen["sealed"]]}
+        assert (await channel.key_op("keyrings.load", load))["ok"]
+        req = digest_req("after", key["key_id"])
+        await channel.send({"t": frames.SIGN, "items": [[1, msgpack.packb(req)]]})
+        (res,) = (await channel.results(1)).values()
+        assert res["status"] == "ok" and recovered(req, res) == key["address"], res
+        await channel.close()
