@@ -38,8 +38,8 @@ from hdrh.histogram import HdrHistogram
 from broker.topics import TopicLayout
 from devkms.local import DEV_REGION, DevEnclave, dev_credentials
 from enclave_worker.attestation import DevProvider
-from enclave_worker.keyring import KeyringEnvelope, SealedKey
 from enclave_worker.kms import KmsClient, KmsConfig
+from schemas.records import KeyringEnvelope, SealedKey
 from signer.operator import AdminSession
 from signer.topology import Enclave, Enclaves, HostProcess, Topology
 

@@ -16,10 +16,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from enclave_worker.attestation import DevProvider
 from enclave_worker.cms import open_enveloped_data
-from enclave_worker.keyring import KeyringEnvelope, SealedKey, unseal
+from enclave_worker.keyring import unseal
 from enclave_worker.kms import KmsClient
 from enclave_worker.wallets import wallet_from_secret
 from schemas import frames
+from schemas.records import KeyringEnvelope, SealedKey
 from schemas.transport import open_channel
 
 

@@ -24,12 +24,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from enclave_worker import eip712, signers
 from enclave_worker.auth import Authenticator
 from enclave_worker.eip712 import TypedDataError, typed_data_digest
-from enclave_worker.keyring import KeyringEnvelope, seal
+from enclave_worker.keyring import seal
 from enclave_worker.policy import PolicyViolation, parse_policy
 from enclave_worker.service import SigningService
 from enclave_worker.vault import Vault
 from enclave_worker.wallets import new_secret, wallet_from_secret
 from schemas.errors import SchemaError
+from schemas.records import KeyringEnvelope
 from schemas.sign_request import MAX_REQUEST_BYTES, decode_sign_request
 
 TYPED = {

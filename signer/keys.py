@@ -13,7 +13,7 @@ from typing import Any
 import msgpack
 import structlog
 
-from enclave_worker.keyring import KeyringEnvelope, SealedKey
+from schemas.records import KeyringEnvelope, SealedKey
 from schemas.refusals import Code, Refused
 
 from .channel import ChannelClosed, EnclaveConnection

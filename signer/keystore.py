@@ -18,8 +18,8 @@ from typing import Protocol
 
 import msgpack
 
-from enclave_worker.keyring import KeyringEnvelope, SealedKey
 from schemas.names import valid_name
+from schemas.records import KeyringEnvelope, SealedKey
 
 _ENVELOPE = re.compile(r"^envelope\.v(\d+)\.msgpack$")
 _KEY = re.compile(r"^(k_[0-9a-f]+)\.v(\d+)\.msgpack$")

@@ -128,7 +128,7 @@ async def test_the_host_cannot_loosen_a_sealed_policy(rig: Rig) -> None:
     key = await rig.create(policy={"schemes": ["eth_personal"]})
     store = rig.keys.store  # type: ignore[union-attr]
     sealed = store.get_key(key["key_id"])
-    from enclave_worker.keyring import SealedKey
+    from schemas.records import SealedKey
 
     loosened = SealedKey(**{**{f: getattr(sealed, f) for f in SealedKey.__dataclass_fields__}, "policy": None})
     await rig.pool.broadcast("keyrings.load", {"envelopes": [], "keys": [loosened.to_wire()]})  # type: ignore[union-attr]

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from enclave_worker.keyring import KeyringEnvelope, RecordError, SealedKey, seal
+from enclave_worker.keyring import seal
+from schemas.records import KeyringEnvelope, RecordError, SealedKey
 
 ENV = KeyringEnvelope("kr", "arn:aws:kms:us-east-1:000000000000:key/k", 1, b"blob", 0)
 SEALED = seal(AESGCM(bytes(32)), "k_01", ENV, "secp256k1", b"\x04" + b"p" * 64, "0x" + "ab" * 20, b"s" * 32, 0,

@@ -201,6 +201,16 @@ def test_enclave_code_needs_nothing_outside_the_image() -> None:
     assert not unpinned, f"imported by the enclave code but not in requirements-enclave.txt: {sorted(unpinned)}"
 
 
+def test_host_code_imports_no_enclave_code() -> None:
+    """The host package shares only the wire contract (schemas/, stored records included) with the
+    enclave code. Dev tooling still reaches enclave code, but not by importing it here: `signer
+    dev-enclave` and the topology's provisioning go through devkms (which measures the enclave code
+    for the dev PCR0), and the topology starts enclave workers as `python -m enclave_worker`."""
+    found = [f"{path.relative_to(ROOT)}: {module}" for path in sorted((ROOT / "signer").rglob("*.py"))
+             for module in _imports(path) if module.split(".")[0] == "enclave_worker"]  # fmt: skip
+    assert not found
+
+
 _ISOLATED_PRELUDE = """
 import importlib, importlib.abc, pkgutil, sys
 image = sys.argv[1]

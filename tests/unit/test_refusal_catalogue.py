@@ -10,11 +10,11 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from enclave_worker.keyring import RecordError, SealedKey
 from enclave_worker.policy import PolicyError, parse_policy
 from schemas.admin import decode_admin_request
 from schemas.errors import SchemaError
 from schemas.names import NAME_RULE, valid_name
+from schemas.records import RecordError, SealedKey
 from schemas.refusals import RESULT_STATUSES, Code, Refused, Surface
 from schemas.sign_result import SignResult
 

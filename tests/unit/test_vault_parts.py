@@ -11,7 +11,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from enclave_worker.attestation import NSM_IOCTL_REQUEST, NsmError, NsmProvider, nsm_attestation_request
 from enclave_worker.datakeys import DataKeyCache
-from enclave_worker.keyring import KeyringEnvelope, SealedKey, seal, unseal
+from enclave_worker.keyring import seal, unseal
+from schemas.records import KeyringEnvelope, SealedKey
 
 ENV = KeyringEnvelope("kr", "cmk", 1, b"blob", 0)
 
