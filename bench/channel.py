@@ -42,7 +42,7 @@ def _requests(n: int) -> list[bytes]:
 
 
 async def _pool_rate(url: str, raws: list[bytes], channel: ChannelSettings) -> float:
-    pool = EnclavePool([url], PoolSettings(connections_per_enclave=1, max_queued=len(raws) + 1, channel=channel))
+    pool = EnclavePool([url], PoolSettings(connections_per_enclave=1, channel=channel))
     await pool.start(ready_timeout=10)
     try:
         t0 = time.perf_counter()

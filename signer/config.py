@@ -124,7 +124,6 @@ class HostConfig:
             http_port=num("SIGNER_HTTP_PORT", 9464),
             pool=PoolSettings(
                 connections_per_enclave=num("SIGNER_CONNECTIONS_PER_ENCLAVE", 2, 1),
-                max_queued=num("SIGNER_MAX_QUEUED", 20_000, 1),
                 spill_after=num("SIGNER_SPILL_AFTER", 1024, 1),
                 poison_attempts=num("SIGNER_POISON_ATTEMPTS", 3, 2),
                 channel=ChannelSettings(
@@ -181,7 +180,6 @@ class HostConfig:
             "SIGNER_HTTP_HOST": self.http_host,
             "SIGNER_HTTP_PORT": str(self.http_port),
             "SIGNER_CONNECTIONS_PER_ENCLAVE": str(pool.connections_per_enclave),
-            "SIGNER_MAX_QUEUED": str(pool.max_queued),
             "SIGNER_SPILL_AFTER": str(pool.spill_after),
             "SIGNER_POISON_ATTEMPTS": str(pool.poison_attempts),
             "SIGNER_FRAME_MAX_REQUESTS": str(channel.max_batch),

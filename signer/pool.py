@@ -61,7 +61,6 @@ class PoolSettings:
     connections_per_enclave: int = 2
     backoff_min_s: float = 0.05
     backoff_max_s: float = 2.0
-    max_queued: int = 20_000  # requests accepted but not yet sent; above this, callers wait
     spill_after: int = 1024  # the affine enclave has this many queued beyond its credits: use the least loaded
     poison_attempts: int = 3  # a request in flight on this many lost connections is refused (poison_request)
     channel: ChannelSettings = field(default_factory=ChannelSettings)
@@ -107,8 +106,6 @@ class EnclavePool:
         self._closing = False
         self._runner: asyncio.Task[None] | None = None
         self._up = asyncio.Event()
-        self._capacity = asyncio.Event()
-        self._capacity.set()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -201,15 +198,6 @@ class EnclavePool:
             self._live_urls = live_urls
             self._affinity.clear()  # the set of enclaves changed: hash again
         self.metrics.enclaves_connected.set(len(live_urls))
-        if self.queued < self.settings.max_queued:
-            self._capacity.set()
-        else:
-            self._capacity.clear()
-
-    async def wait_capacity(self) -> None:
-        """Return when the pool accepts more work (bounded memory, however far producers run ahead)."""
-        self._refresh_gauges()
-        await self._capacity.wait()
 
     # -- work ----------------------------------------------------------------------------
 

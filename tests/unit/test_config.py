@@ -24,7 +24,6 @@ def _non_default() -> HostConfig:
         http_port=0,
         pool=PoolSettings(
             connections_per_enclave=3,
-            max_queued=999,
             spill_after=17,
             poison_attempts=5,
             channel=ChannelSettings(
@@ -51,7 +50,7 @@ def test_every_setting_in_the_test_differs_from_its_default() -> None:
     cfg, default = _non_default(), HostConfig.from_env(environ={})
     same = [f.name for f in fields(HostConfig) if getattr(cfg, f.name) == getattr(default, f.name)]
     assert not same, f"settings left at their default (the round trip would not test them): {same}"
-    for name in ("connections_per_enclave", "max_queued", "spill_after", "poison_attempts"):
+    for name in ("connections_per_enclave", "spill_after", "poison_attempts"):
         assert getattr(cfg.pool, name) != getattr(default.pool, name), name
     for name in ("max_batch", "max_batch_bytes", "batch_window_s", "heartbeat_interval_s", "dead_after_s"):
         assert getattr(cfg.pool.channel, name) != getattr(default.pool.channel, name), name
