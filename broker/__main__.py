@@ -1,5 +1,6 @@
 """python -m broker topics --bootstrap HOST:PORT [--partitions 12]: create the topic layout (idempotent).
-python -m broker kafka [--port 9092]: run the local Kafka (KRaft, Maven Central jars) in the foreground."""
+python -m broker kafka [--port 9092]: run the local Kafka (KRaft, Maven Central jars) in the foreground.
+python -m broker kafka --brokers 3 [--port 9092]: a three-node cluster (client ports 9092-9094; 0: any)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import signal
 import sys
 
+from .kafka_cluster import LocalKafkaCluster
 from .local_kafka import KafkaUnavailable, LocalKafka
 from .topics import TopicLayout, ensure_topics
 
@@ -20,10 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("topics", help="create sign.requests, sign.results, sign.dlq, sign.admin(.replies)")
     t.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
     t.add_argument("--partitions", type=int, default=int(os.environ.get("SIGNER_REQUEST_PARTITIONS", "12")))
-    t.add_argument("--replication-factor", type=int, default=1)
+    t.add_argument("--replication-factor", type=int, default=None, help="default: min(3, brokers)")
     t.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the broker")
-    k = sub.add_parser("kafka", help="run the local single-node Kafka until interrupted")
-    k.add_argument("--port", type=int, default=9092)
+    k = sub.add_parser("kafka", help="run the local Kafka (one node, or --brokers N) until interrupted")
+    k.add_argument("--port", type=int, default=9092, help="client port (of node 1 with --brokers; 0: any free port)")
+    k.add_argument("--brokers", type=int, default=1, help="nodes, each a broker and controller (default 1)")
     args = ap.parse_args(argv)
     if args.cmd == "topics":
         layout = dataclasses.replace(TopicLayout(), request_partitions=args.partitions,
@@ -35,17 +38,39 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"topics ready on {args.bootstrap}")
         return 0
+    if args.brokers < 1:
+        ap.error("--brokers must be at least 1")
+    return _run_kafka(args.port, args.brokers)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _run_kafka(port: int, brokers: int) -> int:
+    """Run Kafka until SIGINT or SIGTERM, then stop every node it started (also when the
+    signal comes during start-up)."""
+    kafka: LocalKafka | LocalKafkaCluster
+    if brokers == 1:
+        kafka = LocalKafka(port=port or None)  # 0: any free port
+    else:
+        ports = [port + i for i in range(brokers)] if port else None
+        kafka = LocalKafkaCluster(brokers=brokers, ports=ports)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        kafka = LocalKafka(port=args.port).start()
+        kafka.start()
+        print(f"KAFKA_BOOTSTRAP={kafka.bootstrap}", flush=True)
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        return 0
     except KafkaUnavailable as exc:
         print(f"broker: {exc}", file=sys.stderr)
         return 2
-    print(f"KAFKA_BOOTSTRAP={kafka.bootstrap}", flush=True)
-    try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         kafka.stop()
-    return 0
 
 
 if __name__ == "__main__":

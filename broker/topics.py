@@ -1,4 +1,9 @@
-"""The topic layout of the signer cluster and its idempotent creation."""
+"""The topic layout of the signer cluster and its idempotent creation.
+
+Replication follows the cluster: min(3, brokers) replicas per partition and, with three replicas,
+min.insync.replicas=2 (an acks=all write survives one broker down). On a single broker the topics
+are created exactly as before: one replica, the broker's own min.insync.replicas.
+"""
 
 from __future__ import annotations
 
@@ -21,28 +26,47 @@ class TopicLayout:
     admin_replies: str = "sign.admin.replies"
     request_partitions: int = 12
     result_partitions: int = 12
-    replication_factor: int = 1
+    # None: min(3, the number of brokers in the cluster the topics are created on)
+    replication_factor: int | None = None
 
-    def new_topics(self) -> list[NewTopic]:
-        rf = self.replication_factor
+    def new_topics(self, brokers: int = 1) -> list[NewTopic]:
+        """The topics, for a cluster of `brokers` brokers (unless replication_factor is set)."""
+        rf = self.replication_factor or replication_factor_for(brokers)
+        configs = topic_configs(rf)
         return [
-            NewTopic(self.requests, self.request_partitions, rf),
-            NewTopic(self.results, self.result_partitions, rf),
-            NewTopic(self.dlq, 3, rf),
-            NewTopic(self.admin, 1, rf),
-            NewTopic(self.admin_replies, 1, rf),
+            NewTopic(self.requests, self.request_partitions, rf, topic_configs=configs),
+            NewTopic(self.results, self.result_partitions, rf, topic_configs=configs),
+            NewTopic(self.dlq, 3, rf, topic_configs=configs),
+            NewTopic(self.admin, 1, rf, topic_configs=configs),
+            NewTopic(self.admin_replies, 1, rf, topic_configs=configs),
         ]
 
 
-async def ensure_topics(bootstrap: str, layout: TopicLayout, timeout: float = 60.0) -> None:
-    """Create the layout's topics that do not exist yet; retry while the broker settles."""
+def replication_factor_for(brokers: int) -> int:
+    return max(1, min(3, brokers))
+
+
+def topic_configs(replication_factor: int) -> dict[str, str]:
+    """min.insync.replicas=2 with three or more replicas; otherwise the broker's default."""
+    return {"min.insync.replicas": "2"} if replication_factor >= 3 else {}
+
+
+async def ensure_topics(bootstrap: str, layout: TopicLayout, timeout: float = 60.0, brokers: int | None = None) -> None:
+    """Create the layout's topics that do not exist yet; retry while the broker settles.
+
+    Their replication factor is the layout's, else min(3, `brokers`), else min(3, the number of
+    brokers the cluster's metadata lists): a cluster still forming may list fewer, so pass
+    `brokers` (or set the layout's replication_factor) where that can happen."""
     async with asyncio.timeout(timeout):
         while True:
             admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="signer-topics")
             try:
                 await admin.start()
                 existing = set(await admin.list_topics())
-                missing = [t for t in layout.new_topics() if t.name not in existing]
+                count = brokers
+                if count is None and layout.replication_factor is None:
+                    count = len((await admin.describe_cluster())["brokers"])
+                missing = [t for t in layout.new_topics(count or 1) if t.name not in existing]
                 if missing:
                     try:
                         await admin.create_topics(missing)

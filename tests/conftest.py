@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from broker.kafka_cluster import LocalKafkaCluster
 from broker.local_kafka import LocalKafka
 from broker.topics import TopicLayout
 from signer.topology import Topology
@@ -35,6 +36,20 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
 @pytest.fixture
 def bootstrap(kafka: LocalKafka) -> str:
     return kafka.bootstrap
+
+
+@pytest.fixture(scope="session")
+def kafka3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafkaCluster]:
+    """A three-node KRaft cluster (each node a broker and a controller), started only for the
+    sessions that have a test asking for it; tests that stop or kill a node start it again."""
+    cluster = LocalKafkaCluster(brokers=3, data_dir=tmp_path_factory.mktemp("kafka3"))
+    cluster.start()
+    rss = ", ".join(f"{r / 2**20:.0f}" for r in cluster.rss_bytes() if r)
+    print(f"\nKafka {cluster.version} x3 at {cluster.bootstrap} in {cluster.startup_seconds:.1f}s, RSS MiB {rss}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture
