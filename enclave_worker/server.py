@@ -1,8 +1,10 @@
 """The enclave worker's frame server: HELLO, then batches in and batches out.
 
-Serves on vsock on Nitro, or a Unix/TCP socket when emulated. A corrupt or
-oversized frame closes that connection with a logged reason; it never takes
-down the process or the other connections.
+Serves on vsock on Nitro, or a Unix/TCP socket when emulated (any
+schemas.transport Transport: the URL's, or one given). Frames are decoded into
+typed frames (schemas.frames) and handed to their handler from one table. A
+corrupt, oversized or unexpected frame closes that connection with a logged
+reason; it never takes down the process or the other connections.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import structlog
 from schemas import frames
 from schemas.names import NAME_RULE, valid_name
 from schemas.refusals import Code, Refused
-from schemas.transport import serve_channel
+from schemas.transport import Server, Transport, transport_for
 
 from .auth import Authenticator
 from .keyring import KeyringEnvelope, SealedKey, policy_shape_ok
@@ -79,10 +81,12 @@ class EnclaveServer:
         vault: Vault | None = None,
         auth: Authenticator | None = None,
         max_keys: int = 1_000_000,
+        transport: Transport | None = None,
     ) -> None:
         if handler == "sign" and vault is None:
             raise ValueError("the sign handler needs a vault (KMS endpoint and attestation provider)")
         self.url = url
+        self.transport = transport if transport is not None else transport_for(url)
         self.enclave_id = enclave_id
         self.credits = credits
         self.handler = handler
@@ -91,7 +95,7 @@ class EnclaveServer:
         self.identity = Identity()
         self.operations = OperationVerifier(vault.config, self.identity) if vault is not None else None
         self.service = SigningService(enclave_id, vault, auth) if vault is not None else None
-        self._server: asyncio.Server | None = None
+        self._server: Server | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self.key_ops: dict[str, KeyOpHandler] = {
             "keyrings.load": self._op_load,
@@ -104,7 +108,7 @@ class EnclaveServer:
         }
 
     async def start(self) -> None:
-        self._server = await serve_channel(self.url, self._on_connection)
+        self._server = await self.transport.serve(self._on_connection)
         log.info("enclave_listening", url=self.url, enclave_id=self.enclave_id, handler=self.handler)
 
     async def serve_forever(self) -> None:
@@ -154,22 +158,20 @@ class EnclaveServer:
         if me is not None:
             self._handlers.add(me)
         try:
-            hello = {
-                "t": frames.HELLO,
-                "proto": frames.PROTOCOL_VERSION,
-                "enclave_id": self.enclave_id,
-                "credits": self.credits,
-            }
-            await conn.send(hello)
+            await conn.send(frames.HelloFrame(frames.PROTOCOL_VERSION, self.enclave_id, self.credits))
             while True:
-                body = await frames.read_frame(reader, frames.HOST_FRAME_BYTES, frames.HOST_FRAME_CONTAINERS)
-                await conn.handle(body)
+                try:
+                    frame = await frames.receive_frame(reader, frames.HOST_FRAME_BYTES, frames.HOST_FRAME_CONTAINERS)
+                except frames.KeyOpRejected as exc:  # every key operation gets a typed reply
+                    await conn.send(frames.KeyOpResultFrame.refusal(exc.op_id, exc))
+                    continue
+                await conn.handle(frame)
         except asyncio.IncompleteReadError:
             log.info("channel_closed")
         except frames.FrameError as exc:
             log.warning("channel_dropped", reason=exc.code, detail=str(exc))
             with contextlib.suppress(Exception):
-                await conn.send({"t": frames.ERROR, "code": exc.code.value, "message": str(exc)[:200]})
+                await conn.send(frames.ErrorFrame.of(exc))
         except ConnectionError as exc:
             log.info("channel_lost", error=type(exc).__name__)
         except asyncio.CancelledError:
@@ -286,16 +288,22 @@ class _Connection:
         self.outstanding = 0  # sign requests received and not yet answered
         self.deferred_bytes = 0  # bytes of those waiting for a keyring unwrap
         self.key_ops = 0
+        # what each frame from the host is for; any other frame is refused (unknown_frame)
+        self._handlers: dict[type[frames.Frame], Callable[[Any], Awaitable[None]]] = {
+            frames.SignFrame: self._on_sign,
+            frames.PingFrame: self._on_ping,
+            frames.KeyOpFrame: self._on_key_op,
+        }
 
-    async def send(self, body: dict[str, Any]) -> None:
-        data = frames.encode_frame(body)
+    async def send(self, frame: frames.Frame) -> None:
+        data = frame.encode()
         async with self._lock:
             await frames.write_frame(self.writer, data)
 
     async def send_results(self, items: list[list[Any]]) -> None:
         self.outstanding -= len(items)
         # credits come back with the results: the host may send this many more
-        await self.send({"t": frames.RESULTS, "items": items, "credits": len(items)})
+        await self.send(frames.ResultsFrame(items, len(items)))
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -309,48 +317,43 @@ class _Connection:
             with contextlib.suppress(BaseException):
                 await task
 
-    async def handle(self, body: dict[str, Any]) -> None:
-        t = body["t"]
-        if t == frames.SIGN:
-            items = body.get("items")
-            if type(items) is not list or not all(
-                type(i) is list and len(i) == 2 and type(i[0]) is int and type(i[1]) is bytes for i in items
-            ):
-                raise frames.FrameError(Code.CORRUPT_FRAME, "sign frame items must be [[int, bytes], ...]")
-            self.outstanding += len(items)
-            if self.outstanding > self.server.credits:
+    async def handle(self, frame: frames.Frame) -> None:
+        handler = self._handlers.get(type(frame))
+        if handler is None:
+            raise frames.unexpected(frame)
+        await handler(frame)
+
+    async def _on_sign(self, frame: frames.SignFrame) -> None:
+        items = frame.items  # [[int, bytes], ...] (checked when decoded)
+        self.outstanding += len(items)
+        if self.outstanding > self.server.credits:
+            raise frames.FrameError(
+                Code.CREDITS_EXCEEDED, f"{self.outstanding} requests outstanding, {self.server.credits} granted"
+            )
+        service = self.server.service
+        if service is None:
+            await self.send_results(noop_batch(items))
+            return
+        ready, deferred = service.sign_batch(items)
+        if ready:
+            await self.send_results(ready)
+        if deferred:
+            held = sum(len(d.raw) for d in deferred)
+            self.deferred_bytes += held
+            if self.deferred_bytes > MAX_DEFERRED_BYTES:
                 raise frames.FrameError(
-                    Code.CREDITS_EXCEEDED, f"{self.outstanding} requests outstanding, {self.server.credits} granted"
+                    Code.DEFERRED_BYTES_EXCEEDED, f"more than {MAX_DEFERRED_BYTES} request bytes waiting for keyrings"
                 )
-            service = self.server.service
-            if service is None:
-                await self.send_results(noop_batch(items))
-                return
-            ready, deferred = service.sign_batch(items)
-            if ready:
-                await self.send_results(ready)
-            if deferred:
-                held = sum(len(d.raw) for d in deferred)
-                self.deferred_bytes += held
-                if self.deferred_bytes > MAX_DEFERRED_BYTES:
-                    raise frames.FrameError(
-                        Code.DEFERRED_BYTES_EXCEEDED,
-                        f"more than {MAX_DEFERRED_BYTES} request bytes waiting for keyrings",
-                    )
-                self.spawn(self._finish_deferred(service, deferred, held))
-        elif t == frames.PING:
-            ping_id = body.get("id")
-            await self.send({"t": frames.PONG, "id": ping_id if type(ping_id) is int else None,
-                             "stats": self.server.stats()})  # fmt: skip
-        elif t == frames.KEY_OP:
-            if self.key_ops >= MAX_KEY_OPS_IN_FLIGHT:
-                raise frames.FrameError(
-                    Code.TOO_MANY_KEY_OPS, f"more than {MAX_KEY_OPS_IN_FLIGHT} key operations at once"
-                )
-            self.key_ops += 1
-            self.spawn(self._key_op(body))
-        else:
-            raise frames.FrameError(Code.UNKNOWN_FRAME, f"unexpected frame type {t[:32]!r}")
+            self.spawn(self._finish_deferred(service, deferred, held))
+
+    async def _on_ping(self, frame: frames.PingFrame) -> None:
+        await self.send(frames.PongFrame(frame.id, self.server.stats()))
+
+    async def _on_key_op(self, frame: frames.KeyOpFrame) -> None:
+        if self.key_ops >= MAX_KEY_OPS_IN_FLIGHT:
+            raise frames.FrameError(Code.TOO_MANY_KEY_OPS, f"more than {MAX_KEY_OPS_IN_FLIGHT} key operations at once")
+        self.key_ops += 1
+        self.spawn(self._key_op(frame))
 
     async def _finish_deferred(self, service: SigningService, deferred: list[Deferred], held: int) -> None:
         try:
@@ -359,22 +362,18 @@ class _Connection:
             self.deferred_bytes -= held
         await self.send_results(results)
 
-    async def _key_op(self, body: dict[str, Any]) -> None:
-        op_id = body.get("id")
-        reply: dict[str, Any] = {"t": frames.KEY_OP_RESULT, "id": op_id if type(op_id) is int else None}
-        op, args = body.get("op"), body.get("args")
+    async def _key_op(self, frame: frames.KeyOpFrame) -> None:
         try:
-            handler = self.server.key_ops.get(op) if type(op) is str else None
+            handler = self.server.key_ops.get(frame.op)
             if handler is None:
-                raise Refused(Code.UNKNOWN_OP, f"unknown op {str(op)[:40]!r}")
-            if type(args) is not dict:
-                raise Refused(Code.INVALID_ARGUMENT, "args must be a map")
-            reply.update(ok=True, result=await handler(args))
+                raise Refused(Code.UNKNOWN_OP, f"unknown op {frame.op[:40]!r}")
+            reply = frames.KeyOpResultFrame.success(frame.id, await handler(frame.args))
         except Refused as exc:
-            reply.update(ok=False, error=exc.to_wire())
+            reply = frames.KeyOpResultFrame.refusal(frame.id, exc)
         except Exception as exc:  # never a silent drop: every operation gets a typed reply
-            log.warning("key_op_failed", op=str(op)[:40], error=type(exc).__name__)
-            reply.update(ok=False, error=Refused(Code.INTERNAL, f"enclave failed: {type(exc).__name__}").to_wire())
+            log.warning("key_op_failed", op=frame.op[:40], error=type(exc).__name__)
+            failed = Refused(Code.INTERNAL, f"enclave failed: {type(exc).__name__}")
+            reply = frames.KeyOpResultFrame.refusal(frame.id, failed)
         finally:
             self.key_ops -= 1
         await self.send(reply)

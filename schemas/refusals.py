@@ -246,8 +246,8 @@ class Code(StrEnum):
     FRAME_TOO_COMPLEX = ("frame_too_complex", None, (_F,), "a host frame holding more than 50,000 maps and lists")
     CORRUPT_FRAME = (
         "corrupt_frame", None, (_F,),
-        "a body that is not msgpack, not a map with a type `t`, or a `sign` frame whose items are not "
-        "`[[int, bytes], ...]`",
+        "a body that is not msgpack, not a map with a type `t`, or a frame whose fields do not have their types "
+        "and bounds (e.g. a `sign` frame whose items are not `[[int, bytes], ...]`)",
     )  # fmt: skip
     CREDITS_EXCEEDED = (
         "credits_exceeded", None, (_F,), "the host sent more requests than the credits the enclave granted",
@@ -257,7 +257,10 @@ class Code(StrEnum):
         "more than 32 MiB of one connection's requests waiting for keyring unwraps",
     )  # fmt: skip
     TOO_MANY_KEY_OPS = ("too_many_key_ops", None, (_F,), "more than 8 key operations in flight on one connection")
-    UNKNOWN_FRAME = ("unknown_frame", None, (_F,), "an unexpected frame type")
+    UNKNOWN_FRAME = (
+        "unknown_frame", None, (_F,),
+        "an unknown frame type, or one the receiver does not take (e.g. `results` sent to an enclave)",
+    )  # fmt: skip
 
     @classmethod
     def lookup(cls, value: Any) -> Code | None:

@@ -1,11 +1,14 @@
 """One persistent, multiplexed connection to an enclave worker.
 
 The connection is the seam between "what" (batches of requests) and "how bytes
-move" (vsock, unix or tcp, chosen by URL in schemas.transport): nothing above
-it knows which transport it talks to.
+move" (a schemas.transport Transport: vsock, unix or tcp chosen by URL, possibly
+behind an emulated link, or any other given one): nothing above it knows which
+transport it talks to.
 
 - Requests are queued and coalesced into ``sign`` frames bounded by count,
   bytes and a small time window, never beyond the enclave's credits.
+- Frames from the enclave are decoded into typed frames (schemas.frames) and handed
+  to their handler from one table; any other frame drops the connection.
 - Results come back in batches and are matched to their requests by correlation id.
 - Heartbeats: a ping every interval; no frame at all from the enclave for
   ``dead_after_s`` means hung or dead, and the connection is dropped.
@@ -32,9 +35,8 @@ from typing import Any
 import structlog
 
 from schemas import frames
-from schemas.transport import open_channel, parse_channel_url
+from schemas.transport import Transport, transport_for
 
-from .link import DelayLine
 from .metrics import HostMetrics
 
 log = structlog.get_logger("channel")
@@ -134,9 +136,10 @@ class EnclaveConnection:
         metrics: HostMetrics | None = None,
         name: str = "",
         on_idle: Callable[[EnclaveConnection], None] | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.url = url
-        self.address = parse_channel_url(url)
+        self.transport = transport if transport is not None else transport_for(url)
         self.settings = settings
         self.name = name or url
         self.enclave_id = ""
@@ -150,6 +153,13 @@ class EnclaveConnection:
         self._on_lost = on_lost
         self._on_idle = on_idle
         self._key_ops: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        # what each frame from the enclave is for; any other frame is refused
+        self._handlers: dict[type[frames.Frame], Callable[[Any], None]] = {
+            frames.ResultsFrame: self._on_results,
+            frames.PongFrame: self._on_pong,
+            frames.KeyOpResultFrame: self._on_key_op_result,
+            frames.ErrorFrame: self._on_error,
+        }
         self._ids = itertools.count(1)
         self._work = asyncio.Event()
         self._write_lock = asyncio.Lock()
@@ -172,22 +182,20 @@ class EnclaveConnection:
 
     async def connect(self) -> None:
         """Open the transport and read HELLO; raises on failure (the pool retries)."""
-        reader, writer = await open_channel(self.url)
+        reader, writer = await self.transport.connect()
         try:
             async with asyncio.timeout(self.settings.hello_timeout_s):
-                hello = await frames.read_frame(reader, self.settings.max_frame_bytes)
-            if hello.get("t") != frames.HELLO or hello.get("proto") != frames.PROTOCOL_VERSION:
-                raise ChannelClosed(f"{self.url}: bad HELLO (type {hello.get('t')!r}, protocol {hello.get('proto')!r})")
-            credits = hello.get("credits")
-            if type(credits) is not int or credits < 0:
-                raise ChannelClosed(f"{self.url}: HELLO without a credit grant")
+                hello = await frames.receive_frame(reader, self.settings.max_frame_bytes)
+            if type(hello) is not frames.HelloFrame or hello.proto != frames.PROTOCOL_VERSION:
+                proto = hello.proto if type(hello) is frames.HelloFrame else None
+                raise ChannelClosed(f"{self.url}: bad HELLO (type {hello.TYPE!r}, protocol {proto!r})")
         except BaseException:
             writer.close()
             raise
         frames.limit_write_buffer(writer)
         self._reader, self._writer = reader, writer
-        self.enclave_id = str(hello.get("enclave_id", ""))
-        self.credits = credits
+        self.enclave_id = hello.enclave_id
+        credits = self.credits = hello.credits
         self._last_rx = asyncio.get_running_loop().time()
         self.connected = True
         self.closed_reason = ""
@@ -198,19 +206,13 @@ class EnclaveConnection:
     async def serve(self) -> str:
         """Run the connection until it is lost; hand back unanswered requests; return the reason."""
         assert self._reader is not None and self._writer is not None
-        shaping = self.address.shaping
-        inbound: DelayLine[dict[str, Any]] | None = DelayLine(shaping, self._handle) if shaping.active else None
-        outbound: DelayLine[bytes] | None = DelayLine(shaping, self._write) if shaping.active else None
         reason, cause = "closed", "closed"
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._send_loop(outbound))
-                tg.create_task(self._read_loop(self._reader, inbound))
+                tg.create_task(self._send_loop())
+                tg.create_task(self._read_loop(self._reader))
                 tg.create_task(self._ping_loop())
                 tg.create_task(self._watchdog())
-                if inbound is not None and outbound is not None:
-                    tg.create_task(inbound.run())
-                    tg.create_task(outbound.run())
         except* _Lost as group:
             lost = group.exceptions[0]
             reason, cause = str(lost), lost.cause if isinstance(lost, _Lost) else "error"
@@ -302,12 +304,12 @@ class EnclaveConnection:
         op_id = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._key_ops[op_id] = fut
-        await self._write(frames.encode_frame({"t": frames.KEY_OP, "id": op_id, "op": op, "args": args}))
+        await self._write(frames.KeyOpFrame(op_id, op, args).encode())
         return await fut
 
     # -- tasks --------------------------------------------------------------------------
 
-    async def _send_loop(self, outbound: DelayLine[bytes] | None) -> None:
+    async def _send_loop(self) -> None:
         s = self.settings
         while True:
             await self._work.wait()
@@ -342,7 +344,7 @@ class EnclaveConnection:
                 self._work.clear()
             if not items:
                 continue
-            data = frames.encode_frame({"t": frames.SIGN, "items": items}, s.max_frame_bytes)
+            data = frames.SignFrame(items).encode(s.max_frame_bytes)
             self.stats.frames_out += 1
             self.stats.requests_out += len(items)
             self._m_frames_out.inc()
@@ -351,62 +353,49 @@ class EnclaveConnection:
             self.metrics.stage.observe_many("credit_wait", waits)
             self.metrics.channel_stage.observe_many((self.enclave_id, "credit_wait"), waits)
             self._m_credits.set(self.credits)
-            if outbound is not None:
-                outbound.push(data, len(data))
-            else:
-                await self._write(data)
+            await self._write(data)
 
     async def _write(self, data: bytes) -> None:
         assert self._writer is not None
         async with self._write_lock:
             await frames.write_frame(self._writer, data)
 
-    async def _read_loop(self, reader: asyncio.StreamReader, inbound: DelayLine[dict[str, Any]] | None) -> None:
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         loop = asyncio.get_running_loop()
+        handlers = self._handlers
+        max_bytes = self.settings.max_frame_bytes
         while True:
             try:
-                body = await frames.read_frame(reader, self.settings.max_frame_bytes)
+                frame = await frames.receive_frame(reader, max_bytes)
             except asyncio.IncompleteReadError:
                 raise _Lost("enclave closed the connection", "closed") from None
             self._last_rx = loop.time()
-            if inbound is not None:
-                inbound.push(body, 0)  # the bandwidth cap is applied on the way out
-            else:
-                await self._handle(body)
+            handler = handlers.get(type(frame))
+            if handler is None:
+                raise frames.unexpected(frame)
+            handler(frame)
 
-    async def _handle(self, body: dict[str, Any]) -> None:
-        t = body["t"]
-        if t == frames.RESULTS:
-            self._on_results(body)
-        elif t == frames.PONG:
-            stats = body.get("stats")
-            if type(stats) is dict:
-                self.enclave_stats = stats
-        elif t == frames.KEY_OP_RESULT:
-            fut = self._key_ops.pop(body.get("id"), None)  # type: ignore[arg-type]
-            if fut is not None and not fut.done():
-                fut.set_result(body)
-        elif t == frames.ERROR:
-            raise _Lost(f"enclave error {body.get('code')}: {str(body.get('message'))[:200]}")
-        else:
-            raise _Lost(f"unexpected frame type {t[:32]!r} from enclave")
+    def _on_pong(self, frame: frames.PongFrame) -> None:
+        if frame.stats is not None:
+            self.enclave_stats = frame.stats
 
-    def _on_results(self, body: dict[str, Any]) -> None:
-        items = body.get("items")
-        credits = body.get("credits")
-        if type(items) is not list or type(credits) is not int or credits < 0:
-            raise _Lost("malformed results frame")
+    def _on_key_op_result(self, frame: frames.KeyOpResultFrame) -> None:
+        fut = self._key_ops.pop(frame.id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(frame.to_wire())
+
+    def _on_error(self, frame: frames.ErrorFrame) -> None:
+        raise _Lost(f"enclave error {frame.code}: {frame.message[:200]}")
+
+    def _on_results(self, frame: frames.ResultsFrame) -> None:
         now = time.perf_counter()
         inflight = self.inflight
         service: list[float] = []
         transfer: list[float] = []
-        for item in items:
-            if type(item) is not list or len(item) != 2 or type(item[1]) is not dict:
-                raise _Lost("malformed result item")
-            p = inflight.pop(item[0], None)
+        for corr_id, result in frame.items:  # [int, map] each (checked when decoded)
+            p = inflight.pop(corr_id, None)
             if p is None:
                 continue  # not ours (never sent, or already answered): ignore, never double-deliver
-            result = item[1]
             timings = result.get("timings_us")
             svc = timings.get("enclave_service", 0) / 1e6 if type(timings) is dict else 0.0
             service.append(svc)
@@ -418,7 +407,7 @@ class EnclaveConnection:
         m.channel_stage.observe_many((self.enclave_id, "enclave_service"), service)
         m.channel_stage.observe_many((self.enclave_id, "channel_transfer"), transfer)
         self._m_frames_in.inc()
-        self.credits += credits
+        self.credits += frame.credits
         self._m_credits.set(self.credits)
         self._kick()
         if self.held and not self.inflight and self._on_idle is not None:
@@ -427,7 +416,7 @@ class EnclaveConnection:
     async def _ping_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
-            await self._write(frames.encode_frame({"t": frames.PING, "id": next(self._ids)}))
+            await self._write(frames.PingFrame(next(self._ids)).encode())
 
     async def _watchdog(self) -> None:
         loop = asyncio.get_running_loop()

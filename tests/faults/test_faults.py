@@ -27,8 +27,10 @@ from eth_account import Account
 
 from broker.local_kafka import LocalKafka
 from broker.topics import TopicLayout
+from schemas.transport import UnixTransport, transport_for
 from signer.topology import ChildProcess, Enclaves, Topology
 from tests.conftest import ROOT
+from tests.transports import FaultyTransport
 
 SUMMARY: list[dict[str, Any]] = []
 HOST_RSS_BOUND_KB = 500 * 1024
@@ -319,56 +321,13 @@ async def test_producers_far_above_the_sustainable_rate(cluster: Cluster) -> Non
     await run_scenario(cluster, "burst: 8000 at producer speed", fault, n=8000, rate=100_000)
 
 
-class FaultyLink:
-    """A Unix-socket proxy in front of an enclave that can corrupt a byte or cut a connection."""
-
-    def __init__(self, path: Path, target: str) -> None:
-        self.path, self.target = path, target.removeprefix("unix://")
-        self.corrupt_next = False
-        self.cut_next = False
-        self.writers: list[asyncio.StreamWriter] = []
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_unix_server(self._client, str(self.path))
-        return f"unix://{self.path}"
-
-    async def _client(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        er, ew = await asyncio.open_unix_connection(self.target)
-        self.writers += [cw, ew]
-
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, to_enclave: bool) -> None:
-            try:
-                while data := await r.read(65536):
-                    if to_enclave and self.corrupt_next and len(data) > 8:
-                        self.corrupt_next = False
-                        data = data[:4] + bytes([data[4] ^ 0xFF]) + data[5:]  # one flipped byte
-                    if to_enclave and self.cut_next:
-                        self.cut_next = False
-                        w.write(data[: len(data) // 2])  # half a frame, then the link drops
-                        break
-                    w.write(data)
-                    await w.drain()
-            except ConnectionError:
-                pass
-            finally:
-                w.close()
-                r.feed_eof()
-
-        await asyncio.gather(pipe(cr, ew, True), pipe(er, cw, False))
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for w in self.writers:
-            w.close()
-
-
 async def test_a_link_that_corrupts_and_drops_bytes(cluster: Cluster) -> None:
     c = cluster
     enclaves = c.topology.enclaves
-    link = FaultyLink(c.topology.sock_dir / "faulty.sock", enclaves["e0"].url)
-    proxied = await link.start()
+    link = FaultyTransport(transport_for(enclaves["e0"].url))
+    faulty = c.topology.sock_dir / "faulty.sock"
+    relay = await link.relay(UnixTransport(str(faulty)))  # a proxy in front of e0
+    proxied = f"unix://{faulty}"
     for name in ("h0", "h1"):  # the hosts reach e0 only through the faulty link
         c.hosts[name].stop()
     for name in ("h0", "h1"):
@@ -382,9 +341,11 @@ async def test_a_link_that_corrupts_and_drops_bytes(cluster: Cluster) -> None:
     try:
         await run_scenario(c, "link corrupts a byte, then drops mid-frame", fault)
     finally:
-        link.close()
+        relay.close()
+        await link.aclose()
     host_logs = "".join((c.tmp / f"{h}.log").read_text() for h in ("h0", "h1"))
     assert "channel_lost" in host_logs and "faulty.sock" in host_logs  # the faults really hit a connection
+    assert (link.corrupted, link.cuts) == (1, 1)
 
 
 async def test_hostile_inputs(cluster: Cluster) -> None:

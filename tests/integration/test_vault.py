@@ -3,7 +3,6 @@ key manager and key store. Signatures are verified with eth-account."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
@@ -18,10 +17,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from eth_account import Account
 from prometheus_client import generate_latest
 
+from schemas.transport import Server, UnixTransport, transport_for
 from signer.keys import KeyOpError
 from tests.conftest import ROOT
 from tests.enclaves import wait_until
 from tests.rig import Rig, digest_req, recovered
+from tests.transports import RecordingTransport
 
 
 @pytest.fixture
@@ -173,48 +174,17 @@ async def test_import_and_rotate_keep_the_key(rig: Rig) -> None:
     assert recovered(reqs[1], res[1]) == other["address"]
 
 
-class RecordingProxy:
-    """A Unix-socket proxy between the host and an enclave that keeps every byte it forwards."""
-
-    def __init__(self, path: Path, target: str) -> None:
-        self.path, self.target = path, target.removeprefix("unix://")
-        self.captured = bytearray()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_unix_server(self._client, str(self.path))
-        return f"unix://{self.path}"
-
-    async def _client(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        er, ew = await asyncio.open_unix_connection(self.target)
-
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            try:
-                while data := await r.read(65536):
-                    self.captured += data
-                    w.write(data)
-                    await w.drain()
-            except ConnectionError:
-                pass
-            finally:
-                w.close()
-
-        await asyncio.gather(pipe(cr, ew), pipe(er, cw))
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-
-
 async def test_no_plaintext_key_or_data_key_reaches_anything_the_host_sees(
     tmp_path: Path, sock_dir: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    proxies: list[RecordingProxy] = []
+    recorders: list[RecordingTransport] = []
+    relays: list[Server] = []
 
-    async def url_wrap(url: str) -> str:
-        proxies.append(RecordingProxy(sock_dir / f"proxy{len(proxies)}.sock", url))
-        return await proxies[-1].start()
+    async def url_wrap(url: str) -> str:  # the host reaches each enclave through a recording proxy
+        path = sock_dir / f"proxy{len(recorders)}.sock"
+        recorders.append(RecordingTransport(transport_for(url)))
+        relays.append(await recorders[-1].relay(UnixTransport(str(path))))
+        return f"unix://{path}"
 
     rig = Rig(tmp_path, sock_dir, enclaves=2)
     await rig.start(url_wrap=url_wrap)
@@ -248,12 +218,14 @@ async def test_no_plaintext_key_or_data_key_reaches_anything_the_host_sees(
         assert len(dek) == 32
     finally:
         await rig.stop()
-        for proxy in proxies:
-            await proxy.close()
+        for relay in relays:
+            relay.close()
+        for recorder in recorders:
+            await recorder.aclose()
     out, err = capfd.readouterr()
     host_files = b"".join(p.read_bytes() for p in (tmp_path / "keystore").rglob("*") if p.is_file())
     logs = b"".join(p.read_bytes() for p in tmp_path.glob("*.log"))
-    frames = b"".join(bytes(p.captured) for p in proxies)
+    frames = b"".join(bytes(r.captured) for r in recorders)
     assert len(frames) > 10_000  # the proxy really saw the traffic
     seen = {"frames": frames, "metrics": metrics, "host files": host_files, "logs": logs,
             "host output": (out + err).encode()}  # fmt: skip
