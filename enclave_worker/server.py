@@ -16,7 +16,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgpack
 import structlog
 
 from schemas import frames
@@ -26,6 +25,7 @@ from schemas.transport import Server, Transport, transport_for
 
 from .auth import Authenticator
 from .keyring import KeyringEnvelope, SealedKey, policy_shape_ok
+from .noop import NoopService, noop_batch  # noqa: F401 - noop_batch: the scripted enclaves' answer
 from .operations import Identity, Operation, OperationVerifier
 from .service import Deferred, SigningService
 from .vault import Vault
@@ -34,32 +34,6 @@ from .wallets import KEY_SCHEMES
 log = structlog.get_logger("enclave")
 
 BatchHandler = Callable[[list[Any]], list[list[Any]]]
-
-
-def noop_batch(items: list[Any]) -> list[list[Any]]:
-    """Benchmark/test handler: no key, no signature; a deterministic digest of the request
-    stands in for the signature so tests can check exactly-once delivery and determinism."""
-    out = []
-    for corr_id, raw in items:
-        t0 = time.perf_counter_ns()
-        try:
-            rid = msgpack.unpackb(raw, raw=False).get("request_id", "")
-        except Exception:
-            rid = ""
-        out.append(
-            [
-                corr_id,
-                {
-                    "v": 1,
-                    "request_id": rid,
-                    "key_id": "",
-                    "status": "ok",
-                    "signature": hashlib.sha256(raw).digest(),
-                    "timings_us": {"enclave_service": (time.perf_counter_ns() - t0) // 1000},
-                },
-            ]
-        )
-    return out
 
 
 MAX_CONNECTIONS = 64  # host connections served at once; more are closed at once
@@ -94,7 +68,9 @@ class EnclaveServer:
         self.max_keys = max_keys
         self.identity = Identity()
         self.operations = OperationVerifier(vault.config, self.identity) if vault is not None else None
-        self.service = SigningService(enclave_id, vault, auth) if vault is not None else None
+        self.service: SigningService | NoopService = (
+            SigningService(enclave_id, vault, auth) if vault is not None else NoopService()
+        )
         self._server: Server | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self.key_ops: dict[str, KeyOpHandler] = {
@@ -131,21 +107,7 @@ class EnclaveServer:
 
     def stats(self) -> dict[str, Any]:
         """Counters for the host to export (the enclave has no network of its own)."""
-        if self.vault is None:
-            return {}
-        v = self.vault
-        counters = ("kms_decrypt", "kms_generate_data_key", "unwraps", "unwrap_joined", "unwrap_keys")
-        return {
-            **{k: int(v.stats.get(k, 0)) for k in counters},
-            "kms_calls": v.kms.calls,
-            "kms_throttles": v.kms.throttles,
-            "unwrap_hist": {"bounds": v.unwrap_bounds, "counts": list(v.unwrap_counts), "sum": v.unwrap_seconds},
-            "cache_hits": v.cache.hits,
-            "cache_misses": v.cache.misses,
-            "cache_evictions": v.cache.evictions,
-            "cache_entries": len(v.cache),
-            "keys_loaded": len(v.sealed),
-        }
+        return self.vault.stats_snapshot() if self.vault is not None else {}
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._handlers) >= MAX_CONNECTIONS:
@@ -331,9 +293,6 @@ class _Connection:
                 Code.CREDITS_EXCEEDED, f"{self.outstanding} requests outstanding, {self.server.credits} granted"
             )
         service = self.server.service
-        if service is None:
-            await self.send_results(noop_batch(items))
-            return
         ready, deferred = service.sign_batch(items)
         if ready:
             await self.send_results(ready)
@@ -355,7 +314,9 @@ class _Connection:
         self.key_ops += 1
         self.spawn(self._key_op(frame))
 
-    async def _finish_deferred(self, service: SigningService, deferred: list[Deferred], held: int) -> None:
+    async def _finish_deferred(
+        self, service: SigningService | NoopService, deferred: list[Deferred], held: int
+    ) -> None:
         try:
             results = await service.sign_deferred(deferred)
         finally:

@@ -384,6 +384,25 @@ class Vault:
             out.append(self.attested(key.record, env))
         return out
 
+    def stats_snapshot(self) -> dict[str, Any]:
+        """The vault's counters, for the host to export (the enclave has no network of its own)."""
+        counters = ("kms_decrypt", "kms_generate_data_key", "unwraps", "unwrap_joined", "unwrap_keys")
+        return {
+            **{k: int(self.stats.get(k, 0)) for k in counters},
+            "kms_calls": self.kms.calls,
+            "kms_throttles": self.kms.throttles,
+            "unwrap_hist": {
+                "bounds": self.unwrap_bounds,
+                "counts": list(self.unwrap_counts),
+                "sum": self.unwrap_seconds,
+            },
+            "cache_hits": self.cache.hits,
+            "cache_misses": self.cache.misses,
+            "cache_evictions": self.cache.evictions,
+            "cache_entries": len(self.cache),
+            "keys_loaded": len(self.sealed),
+        }
+
     async def close(self) -> None:
         for task in list(self._inflight.values()):
             task.cancel()

@@ -67,7 +67,7 @@ class ScriptedEnclave:
 
     async def answer(self, items: list[Any], writer: asyncio.StreamWriter) -> None:
         """Answer sign items as the real enclave's noop handler does (sha256 of each request)."""
-        from enclave_worker.server import noop_batch
+        from enclave_worker.noop import noop_batch
 
         await self.send({"t": frames.RESULTS, "credits": len(items), "items": noop_batch(items)}, writer)
 
