@@ -2,7 +2,7 @@
 a warm signature, and KMS calls per 1000 signatures at steady state.
 
 Real parts: the dev KMS and an enclave worker process; the host side is the library's
-pool, key manager and key store.
+enclave backend (pool, key manager, key store).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Any
 import aiohttp
 import msgpack
 
+from signer.backend import EnclaveBackend
 from signer.pool import PoolSettings
-from signer.topology import Enclave, HostSide, Topology
+from signer.topology import Enclave, Topology
 
 
 def _req(i: int, key_id: str) -> bytes:
@@ -38,48 +39,45 @@ async def run_vault_bench(keyrings: int = 5, keys_per_ring: int = 10, signatures
     work = Path(tempfile.mkdtemp(prefix="signer-vault-bench-"))
     topology = Topology(work, sock_dir=work, log_level="WARNING")
 
-    async def enclave_and_host(name: str) -> tuple[Enclave, HostSide]:
+    async def enclave_and_host(name: str) -> tuple[Enclave, EnclaveBackend]:
         enclave = await topology.start_enclave(name)
-        return enclave, await topology.start_host_side(PoolSettings(connections_per_enclave=1), urls=[enclave.url])
+        return enclave, await topology.start_backend(PoolSettings(connections_per_enclave=1), urls=[enclave.url])
 
-    async def stop(enclave: Enclave, side: HostSide) -> None:
-        await side.pool.close()
+    async def stop(enclave: Enclave, backend: EnclaveBackend) -> None:
+        await backend.close()
         await enclave.process.astop()
 
     try:
         url = await topology.start_kms()
         dev = await topology.provision()
-        enclave, side = await enclave_and_host("create")
-        operator = dev.admin(side.keys.handle)  # the dev operator signs each creation and verifies its receipt
+        enclave, backend = await enclave_and_host("create")
+        operator = dev.admin(backend.handle)  # the dev operator signs each creation and verifies its receipt
         key_ids = [
             (await operator.create_key("secp256k1", f"ring{r}"))["key_id"]
             for r in range(keyrings)
             for _ in range(keys_per_ring)
         ]
-        await stop(enclave, side)
+        await stop(enclave, backend)
 
-        enclave, side = await enclave_and_host("cold")  # a fresh process: every data key is cold
-        pool, keys = side.pool, side.keys
+        enclave, backend = await enclave_and_host("cold")  # a fresh process: every data key is cold
         await _kms_calls(url, reset=True)
         cold = []
         for r in range(keyrings):  # first signature per keyring: includes the unwrap
             k = key_ids[r * keys_per_ring]
             t0 = time.perf_counter()
-            res = await pool.sign(keys.route_key(k), _req(r, k))
+            res = await backend.sign(k, _req(r, k))
             assert res["status"] == "ok", res
             cold.append(time.perf_counter() - t0)
         warm = []
         for i in range(200):
             k = key_ids[i % len(key_ids)]
             t0 = time.perf_counter()
-            await pool.sign(keys.route_key(k), _req(i, k))
+            await backend.sign(k, _req(i, k))
             warm.append(time.perf_counter() - t0)
         await _kms_calls(url, reset=True)
-        batch = [
-            (keys.route_key(key_ids[i % len(key_ids)]), _req(i, key_ids[i % len(key_ids)])) for i in range(signatures)
-        ]
+        batch = [(key_ids[i % len(key_ids)], _req(i, key_ids[i % len(key_ids)])) for i in range(signatures)]
         t0 = time.perf_counter()
-        results = await pool.submit_many(batch)
+        results = await backend.sign_many(batch)
         elapsed = time.perf_counter() - t0
         assert all(r["status"] == "ok" for r in results)
         steady_calls = sum((await _kms_calls(url)).values())

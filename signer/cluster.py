@@ -162,10 +162,10 @@ class LocalCluster:
         assert host is not None
         try:
             async with asyncio.timeout(cfg.enclave_wait_s):
-                while not (host.kafka_ready and all(host.pool.live(url) for url in cfg.enclaves)):  # noqa: ASYNC110
+                while not (host.kafka_ready and all(host.backend.pool.live(url) for url in cfg.enclaves)):  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
         except TimeoutError:
-            down = [url for url in cfg.enclaves if not host.pool.live(url)]
+            down = [url for url in cfg.enclaves if not host.backend.pool.live(url)]
             raise ClusterError(
                 f"the host worker did not reach {'Kafka' if not host.kafka_ready else ', '.join(down)} within "
                 f"{cfg.enclave_wait_s} s (SIGNER_ENCLAVE_WAIT_S)"

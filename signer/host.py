@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -42,13 +41,13 @@ from schemas.refusals import Code
 from schemas.sign_request import SignRequest, decode_sign_request
 from schemas.sign_result import SignResult
 
-from .channel import EnclaveConnection
+from .backend import EnclaveBackend
 from .config import HostConfig
-from .keys import KeyManager, KeyOpError
+from .credentials import kms_credentials
+from .keys import KeyOpError
 from .keystore import DirectoryKeyStore
 from .metrics import EnclaveStatsCollector, HostMetrics
 from .offsets import OffsetTracker
-from .pool import EnclavePool
 
 log = structlog.get_logger("host")
 
@@ -65,10 +64,12 @@ class HostWorker:
             raise ValueError("no key store configured (SIGNER_KEYSTORE_DIR)")
         self.config = config
         self.metrics = metrics or HostMetrics()
-        self.keystore = DirectoryKeyStore(Path(config.keystore_dir))
-        self.pool = EnclavePool(config.enclaves, config.pool, self.metrics, prepare=self._prepare_connection)
-        self.keys = KeyManager(self.pool, self.keystore, config.default_keyring, credentials=self._kms_credentials)
-        EnclaveStatsCollector(self._enclave_stats, self.metrics.registry)
+        self.backend = EnclaveBackend(
+            config.enclaves, DirectoryKeyStore(Path(config.keystore_dir)), config.pool, self.metrics,
+            default_keyring=config.default_keyring,
+            credentials=functools.partial(kms_credentials, config.kms_credentials_file),
+        )  # fmt: skip
+        EnclaveStatsCollector(self.backend.enclave_stats, self.metrics.registry)
         self.tracker = OffsetTracker()
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
@@ -81,51 +82,12 @@ class HostWorker:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    def _kms_credentials(self) -> dict[str, str] | None:
-        """Credentials the enclaves sign KMS requests with, if this host provides them: a file in the
-        shape IMDS serves role credentials (re-read every time: rotated credentials reach the enclaves),
-        else SIGNER_KMS_ACCESS_KEY_ID / SIGNER_KMS_SECRET_ACCESS_KEY / SIGNER_KMS_SESSION_TOKEN."""
-        path = self.config.kms_credentials_file
-        if path:
-            try:
-                data = json.loads(Path(path).read_text())
-                out = {"access_key_id": data["AccessKeyId"], "secret_access_key": data["SecretAccessKey"]}
-                if data.get("Token"):
-                    out["session_token"] = data["Token"]
-                return out
-            except (OSError, ValueError, KeyError) as exc:
-                log.warning("kms_credentials_unreadable", path=path, error=type(exc).__name__)
-                return None
-        ak, sk = os.environ.get("SIGNER_KMS_ACCESS_KEY_ID"), os.environ.get("SIGNER_KMS_SECRET_ACCESS_KEY")
-        if not ak or not sk:
-            return None
-        out = {"access_key_id": ak, "secret_access_key": sk}
-        if os.environ.get("SIGNER_KMS_SESSION_TOKEN"):
-            out["session_token"] = os.environ["SIGNER_KMS_SESSION_TOKEN"]
-        return out
-
-    async def _credentials_loop(self) -> None:
-        while True:  # role credentials rotate hourly: refresh the enclaves well within that
-            await asyncio.sleep(300)
-            with contextlib.suppress(Exception):
-                await self.keys.push_credentials()
-
-    async def _prepare_connection(self, conn: EnclaveConnection) -> None:
-        await self.keys.load_into(conn)
-
-    def _enclave_stats(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for conn in self.pool.connections:
-            if conn.enclave_id and conn.enclave_stats:
-                out.setdefault(conn.enclave_id, conn.enclave_stats)
-        return out
-
     async def start(self) -> None:
         cfg = self.config
-        await self.pool.start()
+        await self.backend.start()
         try:
             async with asyncio.timeout(cfg.enclave_wait_s):
-                await self.pool.wait_ready()
+                await self.backend.wait_ready()
         except TimeoutError:
             log.warning("no_enclave_yet", waited_s=cfg.enclave_wait_s, enclaves=cfg.enclaves)
         if cfg.exactly_once:
@@ -188,7 +150,7 @@ class HostWorker:
         if self.producer is not None:
             with contextlib.suppress(KafkaError):
                 await self.producer.stop()  # flushes
-        await self.pool.close()
+        await self.backend.close()
         self.metrics.enclaves_connected.set(0)
 
     # -- at-least-once, pipelined -----------------------------------------------------------------------
@@ -198,7 +160,6 @@ class HostWorker:
         async with asyncio.TaskGroup() as tg:
             committer = tg.create_task(self._commit_loop(), name="commit-loop")
             lag = tg.create_task(self._lag_loop(), name="lag-loop")
-            creds = tg.create_task(self._credentials_loop(), name="credentials-loop")
             while not self._stopping.is_set():
                 room = await self._backpressure()
                 batch = await self.consumer.getmany(timeout_ms=100, max_records=min(self.config.max_batch, room))
@@ -213,7 +174,6 @@ class HostWorker:
             self._commit_now.set()
             await committer
             lag.cancel()
-            creds.cancel()
         # the commit loop may have been mid-commit with older offsets when it was told to stop:
         # commit once more, now that everything fetched is done
         await self._commit()
@@ -374,9 +334,7 @@ class HostWorker:
             t0 = time.perf_counter()
             if fetched_at is not None:  # from fetch to the pool: decoding, and waiting behind earlier batches
                 self.metrics.stage.observe_many("host_queue", [t0 - fetched_at] * len(live))
-            route = self.keys.route_key
-            results = await self.pool.submit_many([(route(req.key_id), rec.value) for req, rec in live])
-            await self._retry_keys_from_elsewhere(live, results)
+            results = await self.backend.sign_many([(req.key_id, rec.value) for req, rec in live])
             self.metrics.stage.observe("enclave_round_trip", time.perf_counter() - t0)
             for (req, rec), res in zip(live, results, strict=True):
                 res.setdefault("timings_us", {})["kafka_wait"] = max(0, now_ms - rec.timestamp) * 1000
@@ -384,22 +342,6 @@ class HostWorker:
                 if (res.get("error") or {}).get("code") == Code.POISON_REQUEST:
                     outputs.append(self._poison_dlq(req, rec, res))
         return outputs
-
-    async def _retry_keys_from_elsewhere(
-        self, live: list[tuple[SignRequest, ConsumerRecord[bytes, bytes]]], results: list[dict[str, Any]]
-    ) -> None:
-        """A key the enclaves do not know may have been created through another host:
-        re-read the key store, load what it has, and ask again once."""
-        missing = [i for i, r in enumerate(results) if (r.get("error") or {}).get("code") == Code.UNKNOWN_KEY]
-        if not missing:
-            return
-        found = await self.keys.reload_keys({live[i][0].key_id for i in missing})
-        retry = [i for i in missing if live[i][0].key_id in found]
-        if retry:
-            route = self.keys.route_key
-            again = await self.pool.submit_many([(route(live[i][0].key_id), live[i][1].value) for i in retry])
-            for i, res in zip(retry, again, strict=True):
-                results[i] = res
 
     def _result(self, req: SignRequest, rec: ConsumerRecord[bytes, bytes], result: dict[str, Any]) -> Output:
         status = result.get("status", "error")
@@ -438,7 +380,7 @@ class HostWorker:
             return self._dlq(rec, exc)
         body: dict[str, Any] = {"v": 1, "request_id": req["request_id"]}
         try:
-            body.update(ok=True, result=await self.keys.handle(req["op"], req["args"]))
+            body.update(ok=True, result=await self.backend.handle(req["op"], req["args"]))
         except KeyOpError as exc:
             body.update(ok=False, error=exc.to_wire(max_message=None))
         log.info("admin_op", op=req["op"], request_id=req["request_id"], ok=body["ok"])

@@ -23,7 +23,7 @@ def make_app(host: HostWorker) -> web.Application:
     async def readyz(_: web.Request) -> web.Response:
         checks = {
             "kafka": host.kafka_ready,
-            "enclave": any(c.credits > 0 for c in host.pool.live()),
+            "enclave": any(c.credits > 0 for c in host.backend.pool.live()),
         }
         return web.json_response(
             {"ready": all(checks.values()), "checks": checks}, status=200 if all(checks.values()) else 503

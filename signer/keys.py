@@ -1,13 +1,13 @@
 """Key management on the host: relays operations to an enclave and keeps what it returns.
 
 The host never sees a private key or a data key: it stores the wrapped keyrings
-and sealed keys the enclave hands back, and loads them into every enclave.
+and sealed keys the enclave hands back, and loads them into the other enclaves
+(signer/backend.py loads them into every new connection).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -16,7 +16,7 @@ import structlog
 from schemas.records import KeyringEnvelope, SealedKey
 from schemas.refusals import Code, Refused
 
-from .channel import ChannelClosed, EnclaveConnection
+from .channel import ChannelClosed
 from .keystore import KeyringConflict, KeyStore
 from .pool import EnclavePool
 
@@ -51,54 +51,13 @@ class KeyOpError(Refused):
 
 
 class KeyManager:
-    def __init__(
-        self,
-        pool: EnclavePool,
-        store: KeyStore,
-        default_keyring: str = "default",
-        credentials: Callable[[], dict[str, str] | None] | None = None,
-    ):
+    """Relays admin operations (signed by operators) to an enclave and keeps the records it returns."""
+
+    def __init__(self, pool: EnclavePool, store: KeyStore, default_keyring: str = "default"):
         self.pool = pool
-        self.credentials = credentials  # KMS credentials to hand to enclaves (None: they have their own)
         self.store = store
         self.default_keyring = default_keyring
         self._locks: dict[str, asyncio.Lock] = {}
-
-    def route_key(self, key_id: str) -> str:
-        """Requests route by keyring, so a keyring's data key is unwrapped by one enclave."""
-        sealed = self.store.get_key(key_id)
-        return sealed.keyring_id if sealed is not None else key_id
-
-    async def push_credentials(self, conn: EnclaveConnection | None = None) -> None:
-        """Hand the current KMS credentials to one enclave (or all of them)."""
-        creds = self.credentials() if self.credentials else None
-        if not creds:
-            return
-        if conn is not None:
-            await conn.key_op("kms.credentials", creds)
-        else:
-            await self.pool.broadcast("kms.credentials", creds)
-
-    async def load_into(self, conn: EnclaveConnection) -> None:
-        """Give a new connection's enclave its KMS credentials and every wrapped keyring (the pool's prepare hook)."""
-        await self.push_credentials(conn)
-        envelopes = [e.to_wire() for e in self.store.envelopes()]
-        keys = [k.to_wire() for k in self.store.keys()]
-        for args in load_frames(envelopes, keys):
-            await conn.key_op("keyrings.load", args)
-
-    async def reload_keys(self, key_ids: set[str]) -> set[str]:
-        """Keys another host created: re-read the store and load those found into every enclave."""
-        self.store.refresh()
-        found = {k for k in key_ids if self.store.get_key(k) is not None}
-        if found:
-            sealed = [self.store.get_key(k) for k in found]
-            rings = {s.keyring_id for s in sealed if s is not None}
-            envelopes = [e.to_wire() for e in self.store.envelopes() if e.keyring_id in rings]
-            wires = [s.to_wire() for s in sealed if s is not None]
-            for load in load_frames(envelopes, wires):
-                await self.pool.broadcast("keyrings.load", load)
-        return found
 
     async def handle(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """Relay one admin operation to an enclave and store what it returns; raise KeyOpError.

@@ -3,8 +3,9 @@
 Routing: by rendezvous hashing of a route key (the request's keyring) over the
 live enclaves, so each keyring's data key is unwrapped and kept hot in one
 enclave while it lives; within an enclave, to the connection with the least work.
-Every enclave can serve every key (it loads the wrapped keyrings when a
-connection comes up), so a lost enclave's work simply moves. Connections are supervised: reconnect with
+Every enclave can serve every key (whoever owns the key store loads the wrapped
+keyrings on the pool's connect event, before a new connection takes work), so a
+lost enclave's work simply moves. Connections are supervised: reconnect with
 jittered exponential backoff; requests on a lost connection are re-dispatched
 to a live one. Each request is answered exactly once to its caller.
 
@@ -55,6 +56,8 @@ from .metrics import HostMetrics
 
 log = structlog.get_logger("pool")
 
+ConnectListener = Callable[[EnclaveConnection], Awaitable[None]]
+
 
 @dataclass(frozen=True)
 class PoolSettings:
@@ -72,7 +75,6 @@ class EnclavePool:
         urls: list[str],
         settings: PoolSettings | None = None,
         metrics: HostMetrics | None = None,
-        prepare: Callable[[EnclaveConnection], Awaitable[None]] | None = None,
     ):
         if not urls:
             raise ValueError("no enclave channel configured (SIGNER_ENCLAVES)")
@@ -94,7 +96,7 @@ class EnclavePool:
                 )
                 for i in range(self.settings.connections_per_enclave)
             ]
-        self._prepare = prepare  # runs on every new connection before it takes work
+        self._connect_listeners: list[ConnectListener] = []
         self._live_urls: list[str] = []
         self._affinity: dict[str, str] = {}  # key_id -> rendezvous choice among _live_urls
         self.backlog: deque[Pending] = deque()  # accepted while no connection was live
@@ -118,6 +120,12 @@ class EnclavePool:
 
     async def wait_ready(self) -> None:
         await self._up.wait()
+
+    def on_connect(self, listener: ConnectListener) -> None:
+        """Run `listener` on every new connection, after the enclave's HELLO and before the connection
+        takes work (e.g. load the enclave's keys into it); listeners run in the order they were added.
+        A listener that fails with ChannelClosed (the connection went away) ends the preparation."""
+        self._connect_listeners.append(listener)
 
     async def close(self) -> None:
         self._closing = True
@@ -154,9 +162,9 @@ class EnclavePool:
             delay = s.backoff_min_s
             serving = asyncio.create_task(conn.serve(), name=f"serve {conn.name}")
             try:
-                if self._prepare is not None:
-                    with contextlib.suppress(ChannelClosed):
-                        await self._prepare(conn)
+                with contextlib.suppress(ChannelClosed):
+                    for listener in self._connect_listeners:
+                        await listener(conn)
                 self._on_up()
                 await serving
             finally:

@@ -37,11 +37,11 @@ if TYPE_CHECKING:
     from broker.local_kafka import LocalKafka
     from devkms.local import DevEnclave
 
+    from .backend import EnclaveBackend
     from .host import HostWorker
-    from .keys import KeyManager
     from .metrics import HostMetrics
     from .operator import AdminSession
-    from .pool import EnclavePool, PoolSettings
+    from .pool import PoolSettings
 
 ROOT = Path(__file__).resolve().parents[1]  # where the project's packages are imported from
 READY = "READY "
@@ -306,16 +306,6 @@ class LocalHost:
             await self.http.cleanup()
 
 
-@dataclass
-class HostSide:
-    """The host's parts in this process without Kafka: the enclave pool and the key manager over
-    the topology's key store."""
-
-    pool: EnclavePool
-    keys: KeyManager
-    metrics: HostMetrics
-
-
 class Topology:
     """One local cluster: start its parts, find them by name, stop them all (by pid).
 
@@ -346,7 +336,7 @@ class Topology:
         self.enclaves: dict[str, Enclave] = {}
         self.hosts: dict[str, HostProcess] = {}
         self.local_hosts: list[LocalHost] = []
-        self.sides: list[HostSide] = []
+        self.backends: list[EnclaveBackend] = []
         self._sock_dir = sock_dir
         self._own_sock_dir = sock_dir is None
         self._topics: set[tuple[str, TopicLayout]] = set()
@@ -502,31 +492,22 @@ class Topology:
         self.local_hosts.append(host)
         return host
 
-    async def start_host_side(
+    async def start_backend(
         self, pool_settings: PoolSettings | None = None, *, urls: list[str] | None = None,
         metrics: HostMetrics | None = None, credentials: Callable[[], dict[str, str] | None] | None = None,
         ready_timeout: float = 20.0,
-    ) -> HostSide:  # fmt: skip
-        """The host's enclave pool and key manager in this process (no Kafka), over this topology's
-        enclaves (or `urls`) and key store; returns once a connection is live."""
-        from .keys import KeyManager
+    ) -> EnclaveBackend:  # fmt: skip
+        """The host's enclave backend in this process, without Kafka: the pool over this topology's
+        enclaves (or `urls`) and the topology's key store; returns once a connection is live."""
+        from .backend import EnclaveBackend
         from .keystore import DirectoryKeyStore
-        from .metrics import HostMetrics
-        from .pool import EnclavePool
-
-        metrics = metrics or HostMetrics()
-        keys: list[KeyManager] = []
-
-        async def prepare(conn: Any) -> None:
-            await keys[0].load_into(conn)
 
         urls = urls or [e.url for e in self.enclaves.values()]
-        pool = EnclavePool(urls, pool_settings, metrics, prepare=prepare)
-        keys.append(KeyManager(pool, DirectoryKeyStore(self.keystore_dir), credentials=credentials))
-        side = HostSide(pool, keys[0], metrics)
-        self.sides.append(side)
-        await pool.start(ready_timeout=ready_timeout)
-        return side
+        backend = EnclaveBackend(urls, DirectoryKeyStore(self.keystore_dir), pool_settings, metrics,
+                                 credentials=credentials)  # fmt: skip
+        self.backends.append(backend)
+        await backend.start(ready_timeout=ready_timeout)
+        return backend
 
     def operator(self, layout: TopicLayout | None = None) -> AdminSession:
         """The dev operator reaching the cluster through Kafka, as `signer keys` does: it signs each
@@ -556,7 +537,7 @@ class Topology:
     # -- stopping ---------------------------------------------------------------------------------
 
     async def aclose(self, kill: bool = False) -> None:
-        """Stop everything, in order: in-process hosts (drained), host processes, host sides, enclaves,
+        """Stop everything, in order: in-process hosts (drained), host processes, in-process backends, enclaves,
         the dev KMS, Kafka. With kill, host and enclave processes get SIGKILL instead of SIGTERM."""
         sig = signal.SIGKILL if kill else signal.SIGTERM
         try:
@@ -565,10 +546,10 @@ class Topology:
                     await local.stop()
             self.local_hosts = []
             await _stop_all([h.process for h in self.hosts.values()], sig)
-            for side in self.sides:
-                with _logged("host side"):
-                    await side.pool.close()
-            self.sides = []
+            for backend in self.backends:
+                with _logged("backend"):
+                    await backend.close()
+            self.backends = []
             await _stop_all([e.process for e in self.enclaves.values()], sig)
             if self.kms is not None:
                 await self.kms.astop()

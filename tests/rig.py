@@ -1,5 +1,5 @@
 """A small real cluster without Kafka: dev KMS and enclave worker processes, with the host's
-pool, key manager and key store in-process (signer/topology.py builds it)."""
+enclave backend (pool, key manager, key store) in-process (signer/topology.py builds it)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import aiohttp
 import msgpack
 from eth_account import Account
 
+from signer.backend import EnclaveBackend
 from signer.channel import ChannelSettings
-from signer.keys import KeyManager
 from signer.metrics import EnclaveStatsCollector, HostMetrics
 from signer.operator import AdminSession
 from signer.pool import EnclavePool, PoolSettings
@@ -21,7 +21,7 @@ from tests.enclaves import wait_until
 
 
 class Rig:
-    """Dev KMS + enclave worker processes + the host side (pool, key manager, key store) in-process."""
+    """Dev KMS + enclave worker processes + the host's enclave backend in-process."""
 
     def __init__(
         self, tmp: Path, sock_dir: Path, enclaves: int = 1, pythonpath: str | None = None,
@@ -33,9 +33,9 @@ class Rig:
         self.kms_key_id = ""
         self.urls: list[str] = []
         self.metrics = HostMetrics()
-        self.pool: EnclavePool | None = None
-        self.keys: KeyManager | None = None
-        self.admin: AdminSession | None = None  # the dev operator, over the key manager in-process
+        self.backend: EnclaveBackend | None = None
+        self.pool: EnclavePool | None = None  # the backend's
+        self.admin: AdminSession | None = None  # the dev operator, over the backend's key manager in-process
 
     @property
     def kms_url(self) -> str:
@@ -51,17 +51,13 @@ class Rig:
             self.urls.append(await url_wrap(enclave.url) if url_wrap else enclave.url)
         creds = self.host_credentials
         settings = PoolSettings(connections_per_enclave=2, channel=ChannelSettings(heartbeat_interval_s=0.1))
-        side = await topo.start_host_side(settings, urls=self.urls, metrics=self.metrics,
-                                          credentials=(lambda: creds) if creds else None)  # fmt: skip
-        self.pool, self.keys = side.pool, side.keys
-        self.admin = self.dev.admin(self.keys.handle)
-        EnclaveStatsCollector(self._stats, self.metrics.registry)
-        await wait_until(lambda: len(side.pool.live()) == 2 * self.n, what="all connections")
+        backend = await topo.start_backend(settings, urls=self.urls, metrics=self.metrics,
+                                           credentials=(lambda: creds) if creds else None)  # fmt: skip
+        self.backend, self.pool = backend, backend.pool
+        self.admin = self.dev.admin(backend.handle)
+        EnclaveStatsCollector(backend.enclave_stats, self.metrics.registry)
+        await wait_until(lambda: len(backend.pool.live()) == 2 * self.n, what="all connections")
         return self
-
-    def _stats(self) -> dict[str, dict[str, Any]]:
-        assert self.pool is not None
-        return {c.enclave_id: c.enclave_stats for c in self.pool.connections if c.enclave_stats}
 
     async def stop(self) -> None:
         await self.topology.aclose()
@@ -73,8 +69,8 @@ class Rig:
         return await self.admin.create_key(scheme, keyring, policy)
 
     async def sign(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        assert self.pool is not None and self.keys is not None
-        return await self.pool.submit_many([(self.keys.route_key(r["key_id"]), msgpack.packb(r)) for r in reqs])
+        assert self.backend is not None
+        return await self.backend.sign_many([(r["key_id"], msgpack.packb(r)) for r in reqs])
 
     async def kms_stats(self, reset: bool = False) -> dict[str, Any]:
         async with aiohttp.ClientSession() as s:

@@ -19,7 +19,7 @@ from typing import Any
 from devkms.local import DevEnclave, dev_credentials
 from enclave_worker.kms import KmsClient, KmsConfig
 from schemas import frames
-from signer.keys import KeyManager
+from signer.backend import EnclaveBackend
 from signer.operator import AdminSession
 from signer.pool import EnclavePool, PoolSettings
 from signer.topology import ChildProcess, Enclaves, Topology
@@ -91,8 +91,8 @@ class Stage:
     topology: Topology = field(init=False)
     urls: list[str] = field(default_factory=list)
     dev: DevEnclave | None = None
-    pool: EnclavePool | None = None
-    keys: KeyManager | None = None
+    backend: EnclaveBackend | None = None
+    pool: EnclavePool | None = None  # the backend's
     operator: AdminSession | None = None
 
     def __post_init__(self) -> None:
@@ -110,9 +110,9 @@ class Stage:
         await self.topology.start_kms()
         self.dev = await self.topology.provision()
         self.urls = [e.url for e in await self.topology.start_enclaves(Enclaves(enclaves, "enc", env=env or {}))]
-        side = await self.topology.start_host_side(PoolSettings(connections_per_enclave=1))
-        self.pool, self.keys = side.pool, side.keys
-        self.operator = self.dev.admin(self.keys.handle)
+        self.backend = await self.topology.start_backend(PoolSettings(connections_per_enclave=1))
+        self.pool = self.backend.pool
+        self.operator = self.dev.admin(self.backend.handle)
         return self
 
     async def start_enclave(self, name: str, env: dict[str, str] | None = None) -> str:

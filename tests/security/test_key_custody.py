@@ -227,8 +227,8 @@ class TamperingRelay:
         self.seen: list[tuple[str, dict[str, Any]]] = []
 
     async def __call__(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        assert self.stage.keys is not None
-        reply = await self.stage.keys.handle(op, args)
+        assert self.stage.backend is not None
+        reply = await self.stage.backend.handle(op, args)
         self.seen.append((op, reply))
         return dict(self.tamper(op, reply))
 
@@ -278,9 +278,9 @@ async def test_the_cli_refuses_a_fabricated_created_key(stage: Stage, tmp_path: 
     attacker_doc_key = Ed25519PrivateKey.generate()
 
     async def liar(op: str, args: dict[str, Any]) -> dict[str, Any]:
-        assert stage.keys is not None
+        assert stage.backend is not None
         if op == "enclave.identity":
-            return await stage.keys.handle(op, args)
+            return await stage.backend.handle(op, args)
         body = packb([["op", op], ["operation", b"x" * 32], ["result", []]])
         return {"key_id": "k_fake", "receipt": {"body": body, "sig": attacker_doc_key.sign(body)}}
 
@@ -381,16 +381,17 @@ async def test_an_enclave_with_a_loosened_configuration_is_refused_its_keys(stag
     loosened = stage.tmp / "loosened.json"
     loosened.write_text(json.dumps(config))
     url = await stage.start_enclave("loose", env={"ENCLAVE_CONFIG": str(loosened)})
-    from signer.pool import EnclavePool, PoolSettings
+    from signer.backend import EnclaveBackend
+    from signer.pool import PoolSettings
 
-    assert stage.keys is not None
-    pool = EnclavePool([url], PoolSettings(connections_per_enclave=1), prepare=stage.keys.load_into)
-    await pool.start(ready_timeout=20)
+    assert stage.backend is not None  # the host's key store, loaded into the loosened enclave on connect
+    backend = EnclaveBackend([url], stage.backend.store, PoolSettings(connections_per_enclave=1))
+    await backend.start(ready_timeout=20)
     try:
-        res = await pool.submit_many([("kr", msgpack.packb(digest_req("x", key["key_id"])))])
+        res = await backend.sign_many([(key["key_id"], msgpack.packb(digest_req("x", key["key_id"])))])
         assert (res[0]["status"], res[0]["error"]["code"]) == ("error", "kms_access_denied"), res
     finally:
-        await pool.close()
+        await backend.close()
 
 
 async def test_every_key_operation_gets_a_typed_reply(stage: Stage) -> None:
@@ -433,5 +434,5 @@ async def test_a_failed_rotation_leaves_the_keyring_as_it_was(stage: Stage) -> N
 
 
 async def _sign(stage: Stage, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    assert stage.pool is not None and stage.keys is not None
-    return await stage.pool.submit_many([(stage.keys.route_key(r["key_id"]), msgpack.packb(r)) for r in reqs])
+    assert stage.backend is not None
+    return await stage.backend.sign_many([(r["key_id"], msgpack.packb(r)) for r in reqs])

@@ -1,0 +1,153 @@
+"""The enclaves as the host sees them: the pool of connections and the key store, kept in step.
+
+`EnclaveBackend` owns the key store, the `EnclavePool` and the `KeyManager` that relays admin
+operations. It listens to the pool's connect event: a new connection gets the KMS credentials
+and every stored keyring and sealed key before it takes work. Requests are routed by their key's
+keyring (so one enclave keeps a keyring's data key hot); a key the enclaves do not know may have
+been created through another host, so on `unknown_key` the backend re-reads the store, loads
+what it finds into every enclave and asks once more. KMS credentials are handed over again every
+`credentials_every_s` (role credentials rotate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from schemas.refusals import Code
+
+from .channel import EnclaveConnection
+from .credentials import Credentials
+from .keys import KeyManager, load_frames
+from .keystore import KeyStore
+from .metrics import HostMetrics
+from .pool import EnclavePool, PoolSettings
+
+log = structlog.get_logger("backend")
+
+
+class EnclaveBackend:
+    def __init__(
+        self,
+        urls: list[str],
+        store: KeyStore,
+        settings: PoolSettings | None = None,
+        metrics: HostMetrics | None = None,
+        *,
+        default_keyring: str = "default",
+        credentials: Callable[[], Credentials | None] | None = None,
+        credentials_every_s: float = 300.0,
+    ) -> None:
+        self.store = store
+        self.metrics = metrics or HostMetrics()
+        self.pool = EnclavePool(urls, settings, self.metrics)
+        self.keys = KeyManager(self.pool, store, default_keyring)
+        self.credentials = credentials  # None: the enclaves have credentials of their own
+        self.credentials_every_s = credentials_every_s
+        self._refresher: asyncio.Task[None] | None = None
+        self.pool.on_connect(self.load_into)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self, ready_timeout: float | None = None) -> None:
+        """Connect to every enclave; with a timeout, return once one connection is live (else TimeoutError)."""
+        if self.credentials is not None and self._refresher is None:
+            self._refresher = asyncio.create_task(self._refresh_credentials(), name="kms-credentials")
+        await self.pool.start(ready_timeout=ready_timeout)
+
+    async def wait_ready(self) -> None:
+        await self.pool.wait_ready()
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+        await self.pool.close()
+
+    # -- signing -----------------------------------------------------------------------------------
+
+    def route_key(self, key_id: str) -> str:
+        """Requests route by keyring, so a keyring's data key is unwrapped by one enclave."""
+        sealed = self.store.get_key(key_id)
+        return sealed.keyring_id if sealed is not None else key_id
+
+    async def sign_many(self, items: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+        """Encoded SignRequests, as (key id, bytes), to the enclaves; their results, in order.
+
+        A key the enclaves do not know may have been created through another host: re-read the
+        store, load what it has, and ask again once."""
+        route = self.route_key
+        results = await self.pool.submit_many([(route(key_id), raw) for key_id, raw in items])
+        missing = [i for i, r in enumerate(results) if (r.get("error") or {}).get("code") == Code.UNKNOWN_KEY]
+        if missing:
+            found = await self.reload_keys({items[i][0] for i in missing})
+            retry = [i for i in missing if items[i][0] in found]
+            if retry:
+                again = await self.pool.submit_many([(route(items[i][0]), items[i][1]) for i in retry])
+                for i, res in zip(retry, again, strict=True):
+                    results[i] = res
+        return results
+
+    async def sign(self, key_id: str, raw: bytes) -> dict[str, Any]:
+        """One request (the hot path signs batches)."""
+        return (await self.sign_many([(key_id, raw)]))[0]
+
+    # -- key management ----------------------------------------------------------------------------
+
+    async def handle(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """One admin operation (sign.admin), relayed to an enclave; raises KeyOpError."""
+        return await self.keys.handle(op, args)
+
+    async def load_into(self, conn: EnclaveConnection) -> None:
+        """A new connection (the pool's connect event): its enclave gets the KMS credentials and every
+        wrapped keyring and sealed key before it takes work."""
+        await self.push_credentials(conn)
+        envelopes = [e.to_wire() for e in self.store.envelopes()]
+        keys = [k.to_wire() for k in self.store.keys()]
+        for args in load_frames(envelopes, keys):
+            await conn.key_op("keyrings.load", args)
+
+    async def reload_keys(self, key_ids: set[str]) -> set[str]:
+        """Keys another host created: re-read the store and load those found into every enclave."""
+        self.store.refresh()
+        sealed = [s for k in key_ids if (s := self.store.get_key(k)) is not None]
+        if sealed:
+            rings = {s.keyring_id for s in sealed}
+            envelopes = [e.to_wire() for e in self.store.envelopes() if e.keyring_id in rings]
+            for load in load_frames(envelopes, [s.to_wire() for s in sealed]):
+                await self.pool.broadcast("keyrings.load", load)
+        return {s.key_id for s in sealed}
+
+    async def push_credentials(self, conn: EnclaveConnection | None = None) -> None:
+        """Hand the current KMS credentials to one enclave (or all of them), if this host has any."""
+        creds = self.credentials() if self.credentials else None
+        if not creds:
+            return
+        if conn is not None:
+            await conn.key_op("kms.credentials", creds)
+        else:
+            await self.pool.broadcast("kms.credentials", creds)
+
+    async def _refresh_credentials(self) -> None:
+        while True:  # role credentials rotate hourly: refresh the enclaves well within that
+            await asyncio.sleep(self.credentials_every_s)
+            try:
+                await self.push_credentials()
+            except Exception as exc:  # an enclave going away meanwhile; the next round or connect retries
+                log.warning("kms_credentials_push_failed", error=repr(exc)[:200])
+
+    # -- observability -----------------------------------------------------------------------------
+
+    def enclave_stats(self) -> dict[str, dict[str, Any]]:
+        """Each enclave's counters, as its last pong reported them (exported with an `enclave` label)."""
+        out: dict[str, dict[str, Any]] = {}
+        for conn in self.pool.connections:
+            if conn.enclave_id and conn.enclave_stats:
+                out.setdefault(conn.enclave_id, conn.enclave_stats)
+        return out
