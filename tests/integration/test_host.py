@@ -11,6 +11,7 @@ import asyncio
 import os
 import re
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from eth_account import Account
 
 from broker.topics import TopicLayout
+from signer.admin_client import admin_call
 from signer.topology import Enclaves, Topology
 from tests.conftest import committed_and_end_offsets, topology
 
@@ -274,3 +276,114 @@ async def test_sigterm_drains_and_nothing_is_redelivered(cluster: Topology) -> N
     committed, ends = await committed_and_end_offsets(c.bootstrap, first.config.group_id, first.config.layout)
     c.hosts["second"].process.stop(signal.SIGTERM)
     assert all(committed[tp] == end for tp, end in ends.items())
+
+
+class OneBatch:
+    """Wraps a host's consumer: once armed, what it fetches is held back until it holds both an admin
+    record and sign requests, and is then handed to the host as one batch."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, layout: TopicLayout) -> None:
+        self.fetch, self.layout = consumer.getmany, layout
+        self.armed = False
+        self.held: dict[Any, list[Any]] = {}
+        self.released: dict[Any, list[Any]] = {}
+        consumer.getmany = self._getmany  # type: ignore[method-assign]
+
+    async def _getmany(self, *args: Any, **kw: Any) -> dict[Any, list[Any]]:
+        batch = await self.fetch(*args, **kw)
+        if not self.armed:
+            return batch
+        for tp, records in batch.items():
+            self.held.setdefault(tp, []).extend(records)
+        if {self.layout.admin, self.layout.requests} <= {tp.topic for tp in self.held}:
+            self.armed, self.released, self.held = False, self.held, {}
+            return self.released
+        return {}
+
+
+async def _group_caught_up(bootstrap: str, group: str, topic: str, partitions: int, timeout: float = 30) -> None:
+    """Wait until the group's committed offsets reach the end of every partition of `topic`."""
+    from aiokafka import TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await admin.start()
+    await consumer.start()
+    try:
+        parts = [TopicPartition(topic, p) for p in range(partitions)]
+        ends = await consumer.end_offsets(parts)
+        deadline = time.monotonic() + timeout
+        while True:
+            committed = await admin.list_consumer_group_offsets(group)
+            at = {tp: committed[tp].offset if tp in committed else 0 for tp in parts}
+            behind = {tp: (at[tp], ends[tp]) for tp in parts if at[tp] < ends[tp]}
+            if not behind:
+                return
+            assert time.monotonic() < deadline, f"committed offsets behind the log end: {behind}"
+            await asyncio.sleep(0.2)
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+@pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])
+async def test_a_slow_admin_operation_does_not_hold_up_sign_requests_fetched_with_it(
+    bootstrap: str, layout: TopicLayout, tmp_path: Path, sock_dir: Path, exactly_once: bool
+) -> None:
+    """keys.create of a new keyring while KMS throttles: the enclave retries GenerateDataKey (up to its
+    unwrap timeout, here 60 s). Sign requests for a key whose data key is already open, fetched in the
+    same batch as that operation, are answered at once; the operation's reply follows once KMS
+    recovers, and only then is its record committed."""
+    c = topology(tmp_path, sock_dir, bootstrap, layout, host_settings=HOST_SETTINGS, log_level="INFO")
+    try:
+        await c.start_kms()
+        dev = await c.provision()
+        await c.start_enclaves(Enclaves(1, "enc", env={"ENCLAVE_UNWRAP_TIMEOUT_S": "60"}))
+        settings = {"SIGNER_EXACTLY_ONCE": "true" if exactly_once else "false",
+                    "SIGNER_TRANSACTIONAL_ID": f"tx-{layout.requests}"}  # fmt: skip
+        local = await c.start_local_host(c.host_config(settings, http_port=0))
+        assert local.worker.consumer is not None
+        gate = OneBatch(local.worker.consumer, c.layout)
+        key = await c.operator().create_key("secp256k1", "warm")
+        reqs = requests_for([key], 51, "slow-admin-")
+        warm, reqs = reqs[:1], reqs[1:]
+        values: list[tuple[bytes | None, bytes]] = [(r["key_id"].encode(), msgpack.packb(r)) for r in reqs]
+        async with ResultReader(c.bootstrap, c.layout.results, read_committed=exactly_once) as reader:
+            await produce(c.bootstrap, c.layout.requests, [(warm[0]["key_id"].encode(), msgpack.packb(warm[0]))])
+            await reader.wait_for({warm[0]["request_id"]}, timeout=60)  # the key's data key is open in the enclave
+
+            sent_at: list[float] = []
+
+            async def call(op: str, args: dict[str, Any]) -> dict[str, Any]:
+                if op == "keys.create":  # the operation and the sign requests reach the host as one batch
+                    gate.armed = True
+                    await produce(c.bootstrap, c.layout.requests, values)
+                    sent_at.append(time.monotonic())
+                return await admin_call(c.bootstrap, op, args, c.layout, timeout=150)
+
+            async with aiohttp.ClientSession() as s:
+                await s.post(f"{c.kms_url}/_dev/throttle", json={"next": 1_000_000})
+            creating = asyncio.create_task(dev.admin(call).create_key("secp256k1", "slow"))
+            try:
+                async with asyncio.timeout(60):
+                    while not sent_at and not creating.done():  # noqa: ASYNC110 - until the batch is on its way
+                        await asyncio.sleep(0.02)
+                assert not creating.done(), creating.exception()
+                await reader.wait_for({r["request_id"] for r in reqs}, timeout=20)
+                signed_in = time.monotonic() - sent_at[0]
+                assert {tp.topic for tp in gate.released} == {c.layout.admin, c.layout.requests}
+                assert not creating.done(), "the operation was expected to wait for KMS"
+                async with aiohttp.ClientSession() as s, s.get(f"{c.kms_url}/_dev/stats") as r:
+                    assert (await r.json())["throttled"] > 0  # it is waiting: KMS refused its GenerateDataKey
+            finally:
+                async with aiohttp.ClientSession() as s:
+                    await s.post(f"{c.kms_url}/_dev/throttle", json={"next": 0})
+            created = await asyncio.wait_for(creating, 150)
+            check_signed(reqs, [key], reader.by_id)
+        assert created["keyring"] == "slow" and signed_in < 20
+        group = local.worker.config.group_id
+        await _group_caught_up(c.bootstrap, group, c.layout.admin, 1)  # the admin records, once their replies are in
+        await _group_caught_up(c.bootstrap, group, c.layout.requests, c.layout.request_partitions)
+    finally:
+        await c.aclose(kill=True)

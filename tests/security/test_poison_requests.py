@@ -207,24 +207,37 @@ def test_the_attempt_limit_is_a_host_setting(monkeypatch: pytest.MonkeyPatch) ->
         HostConfig.from_env()
 
 
-async def test_a_record_with_two_outputs_is_done_only_when_both_are_acknowledged(tmp_path: Path) -> None:
-    from aiokafka import TopicPartition
+async def test_a_record_with_two_outputs_is_done_only_when_both_are_acknowledged() -> None:
+    from typing import cast
 
-    from signer.host import HostWorker
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-    host = HostWorker(HostConfig(bootstrap="unused:9092", enclaves=["unix:///nonexistent"],
-                                 keystore_dir=str(tmp_path / "keystore")))  # fmt: skip
+    from signer.commits import Commits
+    from signer.intake import Output
+    from signer.metrics import HostMetrics
+
+    class Producer:  # acknowledges when the test says so
+        def __init__(self) -> None:
+            self.acks: list[asyncio.Future[None]] = []
+
+        async def send(self, topic: str, value: bytes, key: bytes | None = None) -> asyncio.Future[None]:
+            self.acks.append(asyncio.get_running_loop().create_future())
+            return self.acks[-1]
+
+    commits = Commits(cast(AIOKafkaConsumer, None), HostMetrics(), interval_s=1)
     tp = TopicPartition("sign.requests", 0)
-    host.tracker.add(tp, [7])
-    unwritten = {(tp, 7): 2}  # the poison request's result and its DLQ record
-    loop = asyncio.get_running_loop()
-    result_ack, dlq_ack = loop.create_future(), loop.create_future()
-    result_ack.set_result(None)
-    host._output_written(result_ack, tp, 7, unwritten)
-    assert host.tracker.committable() == {} and host.tracker.in_flight == 1  # the DLQ record is not in yet
-    dlq_ack.set_result(None)
-    host._output_written(dlq_ack, tp, 7, unwritten)
-    assert host.tracker.committable() == {tp: 8} and host.tracker.in_flight == 0
+    commits.tracker.add(tp, [7])
+    producer = Producer()
+    outputs = [Output("sign.results", b"r", b"result", tp, 7), Output("sign.dlq", b"r", b"dlq record", tp, 7)]
+    publishing = asyncio.create_task(commits.publish(cast(AIOKafkaProducer, producer), outputs))
+    while len(producer.acks) < 2:  # noqa: ASYNC110 - until both outputs are sent
+        await asyncio.sleep(0)
+    producer.acks[0].set_result(None)  # the poison request's result
+    await asyncio.sleep(0)
+    assert commits.tracker.committable() == {} and commits.in_flight == 1  # the DLQ record is not in yet
+    producer.acks[1].set_result(None)
+    await publishing
+    assert commits.tracker.committable() == {tp: 8} and commits.in_flight == 0
 
 
 # -- through the real host worker and the real broker ------------------------------------------------------
