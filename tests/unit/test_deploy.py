@@ -211,6 +211,27 @@ def test_host_code_imports_no_enclave_code() -> None:
     assert not found
 
 
+def test_every_host_module_imports_without_enclave_or_dev_kms_code() -> None:
+    """Nothing of enclave_worker or devkms is imported when the host's modules load (dev commands
+    import devkms, and through it enclave code, only when they run)."""
+    code = """
+import importlib, importlib.abc, pkgutil, sys
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("enclave_worker", "devkms"):
+            raise ImportError(f"{name} imported by the host code")
+        return None
+sys.meta_path.insert(0, Blocked())
+import signer
+for module in pkgutil.iter_modules(signer.__path__):
+    if module.name != "__main__":
+        importlib.import_module(f"signer.{module.name}")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 _ISOLATED_PRELUDE = """
 import importlib, importlib.abc, pkgutil, sys
 image = sys.argv[1]
