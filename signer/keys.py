@@ -86,6 +86,11 @@ class KeyManager:
                 return await self._rotate(args)
         except ChannelClosed as exc:
             raise KeyOpError(Code.ENCLAVE_UNAVAILABLE, str(exc)) from None
+        except KeyOpError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:  # a malformed enclave reply: an error reply, not a stop
+            what = f"the enclave's reply to {op} is malformed ({type(exc).__name__})"
+            raise KeyOpError(Code.INTERNAL, what) from None
         raise KeyOpError(Code.UNKNOWN_OP, f"unknown op {op!r}")
 
     @staticmethod
