@@ -130,8 +130,10 @@ async def lag_loop(
     while True:
         await asyncio.sleep(1.0)
         per_topic: dict[str, int] = {}
-        for tp in consumer.assignment():
-            end = consumer.highwater(tp)
+        for tp in list(consumer.assignment()):  # a rebalance may change the assignment during an await
+            if tp not in consumer.assignment():
+                continue
+            end = consumer.highwater(tp)  # no await since the check above: still assigned
             if end is None:
                 continue
             done = committed(tp)

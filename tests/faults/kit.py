@@ -25,7 +25,6 @@ from typing import Any
 
 import aiohttp
 import msgpack
-import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from eth_account import Account
@@ -403,22 +402,14 @@ def record(scenario: str, acc: Accounting, seconds: float, hit: str) -> None:
 
 # -- hosts that die ----------------------------------------------------------------------------------
 
-# A known host bug (signer/commits.py lag_loop, not this suite's to fix): the lag loop awaits
-# consumer.committed() between consumer.assignment() and consumer.highwater(tp); a rebalance in
-# between makes highwater() raise AssertionError("Partition is not assigned"), which ends the
-# host's TaskGroup and the host process. Scenarios that rebalance the group hit it now and then.
-LAG_LOOP_CRASH = "AssertionError: Partition is not assigned"  # the last line of its traceback
-
 
 class Supervisor:
     """Starts a host process again when it dies, as the deployment's systemd unit does
-    (deploy/nitro/systemd/signer-host.service: Restart=always), so a scenario can go on. Deaths
-    from the known lag-loop crash are listed in `known`; any other death in `unexpected`, which
-    `check()` turns into a failure. Hosts stopped on purpose are announced with `expect_exit`."""
+    (deploy/nitro/systemd/signer-host.service: Restart=always), so a scenario can go on; every
+    death is listed in `unexpected`, which `check()` turns into a failure. Hosts stopped on purpose are announced with `expect_exit`."""
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
-        self.known: list[str] = []
         self.unexpected: list[str] = []
         self.expected: set[str] = set()
         self._task: asyncio.Task[None] | None = None
@@ -444,24 +435,9 @@ class Supervisor:
                     continue
                 code = host.process.stop()  # reaped: closes its log
                 log = self.stage.log(name)
-                if "in lag_loop" in log and log.count(LAG_LOOP_CRASH) > self.known.count(name):
-                    self.known.append(name)
-                else:
-                    self.unexpected.append(f"{name} exited {code}: {log[-1500:]}")
+                self.unexpected.append(f"{name} exited {code}: {log[-1500:]}")  # any host death fails the test
                 await self.stage.start_host(name)
 
-    def note(self) -> str:
-        """For the summary's "fault hit work" column."""
-        return f"; {self.known} restarted after the known lag-loop crash" if self.known else ""
-
     def check(self) -> None:
-        """Fails on a host death other than the known crash (call after the accounting)."""
+        """Fails on any host death (call after the accounting)."""
         assert not self.unexpected, self.unexpected
-
-    def xfail_if_known_crash(self) -> None:
-        """After every other assertion passed: hosts lost to the known lag-loop bug mark the test xfail."""
-        self.check()
-        if self.known:
-            pytest.xfail(f"hosts {self.known} died of the known lag_loop bug (signer/commits.py: consumer.highwater() "
-                         "on a partition revoked while consumer.committed() was awaited) and were restarted; "
-                         "nothing was lost")  # fmt: skip

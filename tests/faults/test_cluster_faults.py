@@ -182,8 +182,8 @@ async def test_sigkill_of_the_request_then_the_result_partitions_leader(
     record("3 brokers: SIGKILL leader of request partitions, then of result partitions", acc,
            time.monotonic() - run.t0,
            f"node {first['node']} led requests {first['partitions']}, node {second['node']} led results "
-           f"{second['partitions']}; results while each was down and after" + run.sup.note())  # fmt: skip
-    run.sup.xfail_if_known_crash()
+           f"{second['partitions']}; results while each was down and after")  # fmt: skip
+    run.sup.check()
 
 
 async def test_hosts_scaled_1_to_4_to_1_under_load(stage3: Stage, kafka3: LocalKafkaCluster) -> None:
@@ -221,8 +221,8 @@ async def test_hosts_scaled_1_to_4_to_1_under_load(stage3: Stage, kafka3: LocalK
     print(f"\nh0 assignments {h0_assigned}; signed by h1-h3 when scaling up: {signed}; {acc.results} results, "
           f"{acc.duplicates} duplicates")  # fmt: skip
     record("3 brokers: hosts scaled 1 -> 4 -> 1 under load", acc, time.monotonic() - run.t0,
-           f"h0 assignments {h0_assigned}; h1-h3 had signed {sorted(int(v) for v in signed.values())} when seen" + run.sup.note())  # fmt: skip
-    run.sup.xfail_if_known_crash()
+           f"h0 assignments {h0_assigned}; h1-h3 had signed {sorted(int(v) for v in signed.values())} when seen")  # fmt: skip
+    run.sup.check()
 
 
 @pytest.mark.skipif(not LONG, reason=LONG_REASON)
@@ -246,8 +246,8 @@ async def test_rolling_restart_of_all_three_brokers(stage3: Stage, kafka3: Local
     print(f"\nrolling restart took {(t_done - t_start) / 1000:.1f}s, {during} results during it; {acc.results} results, "
           f"{acc.duplicates} duplicates")  # fmt: skip
     record("3 brokers: rolling restart of all three", acc, time.monotonic() - run.t0,
-           f"all 3 nodes restarted in {(t_done - t_start) / 1000:.0f}s, {during} results during it" + run.sup.note())  # fmt: skip
-    run.sup.xfail_if_known_crash()
+           f"all 3 nodes restarted in {(t_done - t_start) / 1000:.0f}s, {during} results during it")  # fmt: skip
+    run.sup.check()
 
 
 async def transaction_coordinator(kafka3: LocalKafkaCluster, transactional_id: str) -> int:
@@ -291,5 +291,5 @@ async def test_exactly_once_through_a_sigkill_of_the_transaction_coordinator(
     print(f"\nkilled node {victim} (coordinator of {tx_id}); {during} committed results while it was down; "
           f"{acc.results} results, no duplicates")  # fmt: skip
     record("3 brokers, exactly-once: SIGKILL of h0's transaction coordinator (read_committed)", acc,
-           time.monotonic() - run.t0, f"node {victim} coordinated h0's transactions; {during} results while down" + run.sup.note())  # fmt: skip
-    run.sup.xfail_if_known_crash()
+           time.monotonic() - run.t0, f"node {victim} coordinated h0's transactions; {during} results while down")  # fmt: skip
+    run.sup.check()
