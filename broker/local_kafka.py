@@ -113,20 +113,24 @@ def provision(version: str = KAFKA_VERSION, cache_dir: Path | None = None) -> Pa
     return libs
 
 
+def _exchange(host: str, port: int, body: bytes, timeout: float) -> bytes | None:
+    """Send one size-prefixed Kafka request and read its response; None when there is no answer."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(struct.pack(">i", len(body)) + body)
+            (size,) = struct.unpack(">i", _recv_exact(s, 4))
+            return _recv_exact(s, size)
+    except OSError:
+        return None
+
+
 def api_versions_ok(host: str, port: int, timeout: float = 1.0) -> bool:
     """True when the broker answers an ApiVersions (v0) request with error_code 0."""
     client_id = b"signer-ready"
     # request header v1: api_key, api_version, correlation_id, client_id (int16-prefixed)
     body = struct.pack(">hhih", 18, 0, 7, len(client_id)) + client_id
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
-            s.sendall(struct.pack(">i", len(body)) + body)
-            head = _recv_exact(s, 4)
-            (size,) = struct.unpack(">i", head)
-            resp = _recv_exact(s, size)
-    except OSError:
-        return False
-    if len(resp) < 6:
+    resp = _exchange(host, port, body, timeout)
+    if resp is None or len(resp) < 6:
         return False
     correlation_id, error_code = struct.unpack(">ih", resp[:6])
     return correlation_id == 7 and error_code == 0
@@ -160,12 +164,8 @@ def metadata(host: str, port: int, topics: Sequence[str] | None = (), timeout: f
         for name in topics:
             raw = name.encode()
             body += struct.pack(">h", len(raw)) + raw
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
-            s.sendall(struct.pack(">i", len(body)) + body)
-            (size,) = struct.unpack(">i", _recv_exact(s, 4))
-            resp = _recv_exact(s, size)
-    except OSError:
+    resp = _exchange(host, port, body, timeout)
+    if resp is None:
         return None
     try:
         return parse_metadata_v1(resp, correlation_id=11)
@@ -219,12 +219,8 @@ def describe_quorum(host: str, port: int, timeout: float = 2.0) -> QuorumState |
     # request header v2 (tagged fields), then the flexible body: topics[name, partitions[index]]
     body = struct.pack(">hhih", 55, 0, 13, len(client_id)) + client_id + b"\x00"
     body += b"\x02" + _uvarint(len(topic) + 1) + topic + b"\x02" + struct.pack(">i", 0) + b"\x00\x00\x00"
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
-            s.sendall(struct.pack(">i", len(body)) + body)
-            (size,) = struct.unpack(">i", _recv_exact(s, 4))
-            resp = _recv_exact(s, size)
-    except OSError:
+    resp = _exchange(host, port, body, timeout)
+    if resp is None:
         return None
     try:
         return parse_describe_quorum_v0(resp, correlation_id=13)

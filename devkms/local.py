@@ -92,13 +92,18 @@ def _operator_key(out_dir: Path) -> tuple[Path, str, str]:
     return path, operator.operator_id, operator.public_hex
 
 
-@contextlib.asynccontextmanager
-async def _dev_kms_client(kms_url: str) -> AsyncIterator[Any]:
+def dev_kms_client(kms_url: str) -> Any:
+    """An enclave_worker.kms.KmsClient for the dev KMS, signing with the dev credentials (the caller closes it)."""
     from enclave_worker.kms import KmsClient, KmsConfig
 
     creds = dev_credentials()
-    client = KmsClient(KmsConfig(kms_url, region=DEV_REGION, access_key_id=creds["SIGNER_KMS_ACCESS_KEY_ID"],
-                                 secret_access_key=creds["SIGNER_KMS_SECRET_ACCESS_KEY"]))  # fmt: skip
+    return KmsClient(KmsConfig(kms_url, region=DEV_REGION, access_key_id=creds["SIGNER_KMS_ACCESS_KEY_ID"],
+                               secret_access_key=creds["SIGNER_KMS_SECRET_ACCESS_KEY"]))  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def _dev_kms_client(kms_url: str) -> AsyncIterator[Any]:
+    client = dev_kms_client(kms_url)
     try:
         yield client
     finally:

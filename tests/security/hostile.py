@@ -14,10 +14,10 @@ import contextlib
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from devkms.local import DevEnclave, dev_credentials
-from enclave_worker.kms import KmsClient, KmsConfig
+from devkms.local import DevEnclave, dev_kms_client
+from enclave_worker.kms import KmsClient
 from schemas import frames
 from signer.backend import EnclaveBackend
 from signer.operator import AdminSession
@@ -121,9 +121,7 @@ class Stage:
 
     def attacker_kms(self) -> KmsClient:
         """KMS as the host can use it: its own credentials, any key it creates."""
-        creds = dev_credentials()
-        return KmsClient(KmsConfig(self.kms_url, access_key_id=creds["SIGNER_KMS_ACCESS_KEY_ID"],
-                                   secret_access_key=creds["SIGNER_KMS_SECRET_ACCESS_KEY"]))  # fmt: skip
+        return cast(KmsClient, dev_kms_client(self.kms_url))
 
     async def channel(self, i: int = 0) -> HostileChannel:
         return await HostileChannel.open(self.urls[i])

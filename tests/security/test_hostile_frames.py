@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -32,15 +31,6 @@ FORBIDDEN_TX = {
     "data": b"",
 }
 RSS_SLACK_KIB = 150 * 1024  # what a hostile frame may add to an enclave's memory, at most
-
-
-@pytest.fixture
-async def stage(tmp_path: Path, sock_dir: Path) -> Any:
-    s = await Stage(tmp_path, sock_dir).start(enclaves=2)
-    try:
-        yield s
-    finally:
-        await s.stop()
 
 
 def _sign_frame(*reqs: dict[str, Any], corr: int = 1) -> dict[str, Any]:
@@ -133,6 +123,13 @@ NESTED: Any = 1
 for _ in range(500):  # 500 levels of lists: deeper than any recursion the enclave may do
     NESTED = [NESTED]
 
+
+def _sealed_record(key_id: str, policy: Any) -> dict[str, Any]:
+    """A well-typed sealed-key record (that opens with nothing) carrying a hostile policy."""
+    return {"v": 1, "key_id": key_id, "keyring_id": "r", "dek_version": 1, "scheme": "secp256k1",
+            "public_key": b"p", "nonce": b"n" * 12, "ciphertext": b"c", "created_ms": 1, "policy": policy}  # fmt: skip
+
+
 HOSTILE_FRAMES = {
     "bytes(int) in a record": {
         "t": frames.KEY_OP,
@@ -164,20 +161,7 @@ HOSTILE_FRAMES = {
         "op": "keyrings.load",
         "args": {
             "envelopes": [],
-            "keys": [
-                {
-                    "v": 1,
-                    "key_id": "k_1",
-                    "keyring_id": "r",
-                    "dek_version": 1,
-                    "scheme": "secp256k1",
-                    "public_key": b"p",
-                    "nonce": b"n" * 12,
-                    "ciphertext": b"c",
-                    "created_ms": 1,
-                    "policy": {"a": NESTED},
-                }
-            ],
+            "keys": [_sealed_record("k_1", {"a": NESTED})],
         },
     },
     "nested request": _sign_frame(
@@ -190,20 +174,7 @@ HOSTILE_FRAMES = {
         "op": "keyrings.load",
         "args": {
             "envelopes": [],
-            "keys": [
-                {
-                    "v": 1,
-                    "key_id": "k_2",
-                    "keyring_id": "r",
-                    "dek_version": 1,
-                    "scheme": "secp256k1",
-                    "public_key": b"p",
-                    "nonce": b"n" * 12,
-                    "ciphertext": b"c",
-                    "created_ms": 1,
-                    "policy": {"to_allowlist": ["0x" + "ab" * 20] * 40_000},
-                }
-            ],
+            "keys": [_sealed_record("k_2", {"to_allowlist": ["0x" + "ab" * 20] * 40_000})],
         },
     },
     "big int deadline": _sign_frame(

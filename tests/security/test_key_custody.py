@@ -36,15 +36,6 @@ SECRET = bytes.fromhex("4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a
 POLICY = {"schemes": ["eth_tx"], "to_allowlist": ["0x" + "11" * 20], "max_value": 1000}
 
 
-@pytest.fixture
-async def stage(tmp_path: Path, sock_dir: Path) -> Any:
-    s = await Stage(tmp_path, sock_dir).start(enclaves=2)
-    try:
-        yield s
-    finally:
-        await s.stop()
-
-
 def _op(stage: Stage) -> AdminSession:
     assert stage.operator is not None
     return stage.operator
