@@ -18,7 +18,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,7 @@ class Load:
     def __init__(self, bootstrap: str, topic: str, partitions: int | None = None, **producer: Any) -> None:
         self.bootstrap, self.topic, self.partitions = bootstrap, topic, partitions
         self.placed: dict[str, tuple[int, int]] = {}
+        self.sent_ms: dict[str, int] = {}  # request id -> wall clock (ms) when it was handed to the producer
         self.sent = 0
         self._producer_opts = producer
         self._producer: AIOKafkaProducer | None = None
@@ -152,6 +153,7 @@ class Load:
     async def _send(self, req: dict[str, Any]) -> asyncio.Future[Any]:
         assert self._producer is not None
         partition = self.sent % self.partitions if self.partitions else None
+        self.sent_ms[req["request_id"]] = int(time.time() * 1000)
         fut = await self._producer.send(self.topic, msgpack.packb(req), key=req["key_id"].encode(), partition=partition)
         fut.add_done_callback(self._placed_cb(req["request_id"]))
         return fut
@@ -275,6 +277,30 @@ class Collector:
     def produced_between(self, t0_ms: int, t1_ms: int) -> int:
         return sum(1 for rs in self.results.values() for r in rs if t0_ms <= r.timestamp_ms < t1_ms)
 
+    async def read_to_end(self, timeout: float = 60) -> None:
+        """Until the collector has read every partition of the results and DLQ topics up to the end
+        offsets they have now (call once the group has committed everything: every output is then
+        written, duplicates included)."""
+        parts = [TopicPartition(t, p) for t in (self.layout.results, self.layout.dlq)
+                 for p in self.consumer.partitions_for_topic(t) or ()]  # fmt: skip
+        assert parts, "the collector knows no partition of the results and DLQ topics"
+        ends = await self.consumer.end_offsets(parts)
+
+        async def behind() -> list[TopicPartition]:
+            return [tp for tp in parts if await self.consumer.position(tp) < ends[tp]]
+
+        left = await behind()
+        try:
+            async with asyncio.timeout(timeout):
+                while left:
+                    self._changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.5):
+                            await self._changed.wait()
+                    left = await behind()
+        except TimeoutError:
+            raise AssertionError(f"collector not at the end offsets {ends} after {timeout}s: {left}") from None
+
 
 # Fields of a SignResult that describe how it was produced rather than what was signed: a redone
 # result carries its own timings (and may come from another enclave), so two results for one
@@ -294,14 +320,28 @@ class Accounting:
     duplicates: int  # results beyond one per request id, identical but for the diagnostic fields
     ids_with_duplicates: int
     identical_records: int  # of the duplicates, those byte-identical as whole records
+    lost: int = 0  # requests with no result (and no DLQ record naming them)
 
 
-def account(reqs: list[dict[str, Any]], col: Collector, addresses: dict[str, str]) -> Accounting:
+def tally(reqs: list[dict[str, Any]], col: Collector) -> Accounting:
+    """The counts of `account`, without its checks (for a summary row written before them)."""
+    dlq_named = {d.get("request_id") for d in col.dlq}
+    got = [col.results.get(r["request_id"], []) for r in reqs]
+    lost = sum(1 for r, rs in zip(reqs, got, strict=True) if not rs and r["request_id"] not in dlq_named)
+    n = sum(len(rs) for rs in got)
+    dup_ids = sum(1 for rs in got if len(rs) > 1)
+    identical = sum(1 for rs in got for r in rs[1:] if r.raw == rs[0].raw)
+    return Accounting(len(reqs), n, n - sum(1 for rs in got if rs), dup_ids, identical, lost)
+
+
+def account(reqs: list[dict[str, Any]], col: Collector, addresses: dict[str, str], *,
+            others: Collection[str] = (), dlq: bool = False) -> Accounting:  # fmt: skip
     """Every request answered; its results identical (whole records, but for DIAGNOSTIC_FIELDS);
-    `ok` with a signature that recovers its key's address (eth-account)."""
+    `ok` with a signature that recovers its key's address (eth-account). Results for the ids in
+    `others` and, with `dlq`, DLQ records are other inputs' (checked by the caller); no DLQ record
+    may name one of `reqs`."""
     missing = [r["request_id"] for r in reqs if r["request_id"] not in col.results]
     assert not missing, f"{len(missing)} requests lost, e.g. {missing[:5]}"
-    dup_ids = identical = 0
     for req in reqs:
         got = col.results[req["request_id"]]
         assert len({signed_part(r.value) for r in got}) == 1, (
@@ -312,14 +352,15 @@ def account(reqs: list[dict[str, Any]], col: Collector, addresses: dict[str, str
         sig = res["signature"]
         vrs = (sig[64] + 27, int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:64], "big"))
         assert Account._recover_hash(req["payload"], vrs=vrs) == addresses[req["key_id"]], req["request_id"]
-        dup_ids += len(got) > 1
-        identical += sum(1 for r in got[1:] if r.raw == got[0].raw)
     ours = {r["request_id"] for r in reqs}
-    stray = set(col.results) - ours
+    stray = set(col.results) - ours - set(others)
     assert not stray, f"results for unknown request ids: {sorted(stray)[:5]}"
-    assert not col.dlq, f"DLQ records for valid requests: {col.dlq[:3]}"
-    n = sum(len(col.results[r["request_id"]]) for r in reqs)
-    return Accounting(len(reqs), n, n - len(reqs), dup_ids, identical)
+    if dlq:
+        named = [d for d in col.dlq if d.get("request_id") in ours]
+        assert not named, f"DLQ records for valid requests: {named[:3]}"
+    else:
+        assert not col.dlq, f"DLQ records for valid requests: {col.dlq[:3]}"
+    return tally(reqs, col)
 
 
 # -- the group's offsets, host metrics and logs -------------------------------------------------------
@@ -361,11 +402,40 @@ async def wait_all_committed(bootstrap: str, group: str, layout: TopicLayout, ti
         raise AssertionError(f"offsets not all committed after {timeout}s: committed, end = {last}") from None
 
 
+async def scrape(url: str, timeout: float = 5) -> str:
+    """A host's /metrics (Prometheus text)."""
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s,
+        s.get(f"{url}/metrics") as resp,
+    ):
+        return await resp.text()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The samples of metric `name` (with at least these label values) summed, from /metrics text."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith((f"{name} ", f"{name}{{")) and all(w in line.split("}")[0] for w in want):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 async def host_signed(url: str) -> float:
     """signer_requests_total summed over schemes and statuses, from a host's /metrics."""
-    async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as resp:
-        text = await resp.text()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("signer_requests_total{"))
+    return metric(await scrape(url), "signer_requests_total")
+
+
+def rss_kb(pid: int) -> int:
+    """A process's resident set (VmRSS), in kB; 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
 
 
 def log_events(log: str, event: str) -> list[dict[str, Any]]:
@@ -384,20 +454,29 @@ def log_events(log: str, event: str) -> list[dict[str, Any]]:
 
 SUMMARY: list[dict[str, Any]] = []
 SUMMARY_FILE = "faults-kafka-summary.md"
+SUMMARIES: dict[str, list[dict[str, Any]]] = {SUMMARY_FILE: SUMMARY}  # file name -> its rows
 
 
-def record(scenario: str, acc: Accounting, seconds: float, hit: str) -> None:
-    SUMMARY.append({"scenario": scenario, "requests": acc.requests, "results": acc.results,
-                    "duplicates": acc.duplicates, "identical": acc.identical_records,
-                    "dup_ids": acc.ids_with_duplicates, "seconds": round(seconds, 1), "hit": hit})  # fmt: skip
+def record(scenario: str, acc: Accounting, seconds: float, hit: str, *, file: str = SUMMARY_FILE,
+           extra: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+    """A summary row in $SIGNER_ARTIFACTS/`file`; `extra` columns (the same for every row of a file)
+    come after "ids redone"."""
+    rows = SUMMARIES.setdefault(file, [])
+    rows.append({"scenario": scenario, "requests": acc.requests, "results": acc.results, "lost": acc.lost,
+                 "duplicates": acc.duplicates, "identical": acc.identical_records,
+                 "dup_ids": acc.ids_with_duplicates, "extra": dict(extra or {}), "seconds": round(seconds, 1),
+                 "hit": hit})  # fmt: skip
     out = Path(os.environ.get("SIGNER_ARTIFACTS", ROOT / "artifacts"))
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["| scenario | requests | results | lost | duplicates (same signed part) | of them whole-record identical "
-             "| ids redone | test time, s | fault hit work |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {s['scenario']} | {s['requests']} | {s['results']} | 0 | {s['duplicates']} | {s['identical']} | "
-              f"{s['dup_ids']} | {s['seconds']} | {s['hit']} |" for s in SUMMARY]  # fmt: skip
-    (out / SUMMARY_FILE).write_text("\n".join(lines) + "\n")
+    extras = list(rows[0]["extra"])
+    head = ["scenario", "requests", "results", "lost", "duplicates (same signed part)",
+            "of them whole-record identical", "ids redone", *extras, "test time, s", "fault hit work"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in rows:
+        cells = [s["scenario"], s["requests"], s["results"], s["lost"], s["duplicates"], s["identical"],
+                 s["dup_ids"], *(s["extra"].get(k, "") for k in extras), s["seconds"], s["hit"]]  # fmt: skip
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    (out / file).write_text("\n".join(lines) + "\n")
 
 
 # -- hosts that die ----------------------------------------------------------------------------------
