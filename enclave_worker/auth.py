@@ -61,7 +61,7 @@ class ReplayCache:
     """Bounded: nonces are remembered for the freshness window, at most `capacity` of them."""
 
     def __init__(self, capacity: int = 100_000, window_s: float = DEFAULT_WINDOW_S) -> None:
-        self.capacity, self.window_s = capacity, window_s
+        self.capacity, self.window_s = max(1, capacity), window_s
         self._seen: OrderedDict[tuple[str, bytes], _Seen] = OrderedDict()
 
     def _evict(self, now: float) -> None:
@@ -78,8 +78,9 @@ class ReplayCache:
         self._evict(now)
         seen = self._seen.get((client_id, nonce))
         if seen is None:
-            entry = _Seen(digest, now + self.window_s)
-            self._seen[(client_id, nonce)] = entry
+            self._seen[(client_id, nonce)] = _Seen(digest, now + self.window_s)
+            while len(self._seen) > self.capacity:  # at most `capacity`, the new one included: the oldest go
+                self._seen.popitem(last=False)
             return None
         if seen.request_digest != digest:
             raise Refused(Code.AUTH_REPLAYED, "this nonce was already used for another request")

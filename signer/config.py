@@ -13,22 +13,42 @@ from broker.topics import TopicLayout
 from .channel import ChannelSettings
 from .pool import PoolSettings
 
-_FILE_VALUES: dict[str, str] = {}
 
-
-def load_config_file(path: str) -> None:
+def load_config_file(path: str) -> dict[str, str]:
     """SIGNER_CONFIG_FILE: a TOML file of NAME = value pairs with the same names as the
-    environment variables; the environment still wins."""
-    with open(path, "rb") as f:
-        data = tomllib.load(f)
+    environment variables; its values as the environment would carry them. A file that cannot
+    be read or parsed, or a value that is not a string, number or boolean, is a ConfigError
+    naming the file."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"SIGNER_CONFIG_FILE={path}: {exc}") from None
+    values: dict[str, str] = {}
     for k, v in data.items():
         if not isinstance(v, str | int | float | bool):
-            raise ConfigError(f"{path}: {k} must be a string, number or boolean")
-        _FILE_VALUES[k] = str(v).lower() if isinstance(v, bool) else str(v)
+            raise ConfigError(f"SIGNER_CONFIG_FILE={path}: {k} must be a string, number or boolean, "
+                              f"not a {type(v).__name__}")  # fmt: skip
+        values[k] = str(v).lower() if isinstance(v, bool) else str(v)
+    return values
+
+
+class _Settings(dict[str, str]):
+    """The settings a configuration is read from (file values under the environment); remembers
+    which names were looked up, so that a name in the file that nothing reads is reported."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        super().__init__(values)
+        self.read: set[str] = set()
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        self.read.add(name)
+        return super().get(name, default)
 
 
 def _env(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:
-    return (os.environ if environ is None else environ).get(name, _FILE_VALUES.get(name, default))
+    value = (os.environ if environ is None else environ).get(name, default)
+    return default if value is None else value
 
 
 def _bool(name: str, default: bool, environ: Mapping[str, str] | None = None) -> bool:
@@ -91,6 +111,27 @@ class HostConfig:
         """The configuration from the environment (`environ`, default os.environ) and SIGNER_CONFIG_FILE;
         `overrides` (field names) win over both."""
         environ = os.environ if environ is None else environ
+        path = environ.get("SIGNER_CONFIG_FILE")
+        from_file = load_config_file(path) if path else {}
+        try:
+            cfg = cls._read(_Settings({**from_file, **environ}), from_file)
+        except ConfigError as exc:
+            named = [k for k in from_file if k not in environ and f"{k}=" in str(exc)]
+            if named:  # a bad value that came from the file: say so
+                raise ConfigError(f"{exc} (set in SIGNER_CONFIG_FILE={path})") from None
+            raise
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        if cfg.resume_below < 0:
+            cfg.resume_below = cfg.max_in_flight // 2
+        if cfg.resume_below >= cfg.max_in_flight:
+            raise ConfigError(f"SIGNER_RESUME_BELOW={cfg.resume_below} must be below SIGNER_MAX_IN_FLIGHT")
+        return cfg
+
+    @classmethod
+    def _read(cls, environ: _Settings, from_file: Mapping[str, str]) -> HostConfig:
+        """The configuration these settings (environment over file) give; a name in the file that no
+        setting reads is refused (a misspelt name would otherwise be silently ignored)."""
 
         def env(name: str, default: str) -> str:
             return _env(name, default, environ)
@@ -98,12 +139,6 @@ class HostConfig:
         def num(name: str, default: int, minimum: int = 0) -> int:
             return _int(name, default, minimum, environ)
 
-        path = environ.get("SIGNER_CONFIG_FILE")
-        if path:
-            try:
-                load_config_file(path)
-            except (OSError, tomllib.TOMLDecodeError) as exc:
-                raise ConfigError(f"SIGNER_CONFIG_FILE={path}: {exc}") from None
         layout = TopicLayout(
             requests=env("SIGNER_TOPIC_REQUESTS", "sign.requests"),
             results=env("SIGNER_TOPIC_RESULTS", "sign.results"),
@@ -148,12 +183,10 @@ class HostConfig:
             session_timeout_ms=num("SIGNER_SESSION_TIMEOUT_MS", 10_000, 1000),
             rebalance_drain_s=num("SIGNER_REBALANCE_DRAIN_S", 20, 0),
         )
-        for k, v in overrides.items():
-            setattr(cfg, k, v)
-        if cfg.resume_below < 0:
-            cfg.resume_below = cfg.max_in_flight // 2
-        if cfg.resume_below >= cfg.max_in_flight:
-            raise ConfigError(f"SIGNER_RESUME_BELOW={cfg.resume_below} must be below SIGNER_MAX_IN_FLIGHT")
+        unknown = sorted(set(from_file) - environ.read)
+        if unknown:
+            raise ConfigError(f"SIGNER_CONFIG_FILE={environ['SIGNER_CONFIG_FILE']}: not a host setting: "
+                              f"{', '.join(unknown)} (see docs/configuration.md)")  # fmt: skip
         return cfg
 
     def to_env(self) -> dict[str, str]:
