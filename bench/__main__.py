@@ -67,9 +67,11 @@ async def end_to_end(n: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
-    ap.add_argument("what", nargs="?", choices=["report", "e2e", "channel", "vault", "schemes"], default="report")
+    commands = ["report", "profile", "e2e", "channel", "vault", "schemes"]
+    ap.add_argument("what", nargs="?", choices=commands, default="report")
     ap.add_argument("--out", type=Path, default=Path("artifacts/bench"), help="report directory (report)")
     ap.add_argument("--smoke", action="store_true", help="a tiny configuration that checks the harness (report)")
+    ap.add_argument("--flamegraphs", action="store_true", help="py-spy flame graphs (profile)")
     ap.add_argument("-n", type=int, default=20000)
     args = ap.parse_args()
     configure_logging("bench", os.environ.get("SIGNER_LOG_LEVEL", "WARNING"))
@@ -79,6 +81,14 @@ def main() -> None:
         report = asyncio.run(run_report(args.out, SMOKE if args.smoke else Profile()))
         print((args.out / "report.md").read_text())
         print(json.dumps({k: report[k] for k in ("max_per_second", "efficiency", "speedup_over_reference")}))
+        return
+    if args.what == "profile":
+        from .profile import run_profile
+
+        out = args.out if args.out != Path("artifacts/bench") else Path("artifacts/profile")
+        total = args.n if args.n != 20000 else 30_000
+        asyncio.run(run_profile(out, total=total, flamegraphs=args.flamegraphs))
+        print((out / "profile.md").read_text())
         return
     if args.what == "schemes":
         from .schemes import run_scheme_bench

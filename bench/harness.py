@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,8 @@ class RunResult:
     stages: dict[str, float] = field(default_factory=dict)  # mean seconds per request per stage
     host_cpu_us: float = 0.0
     enclave_cpu_us: float = 0.0
+    broker_cpu_us: float = 0.0
+    loadgen_cpu_us: float = 0.0  # this process: the load's producer and the results' consumer
     host_rss_kb: int = 0
     kms_per_1000: float = 0.0
     statuses: dict[str, int] = field(default_factory=dict)
@@ -247,22 +250,28 @@ class RunResult:
             "stage_ms_per_request": {k: round(v * 1000, 3) for k, v in self.stages.items()},
             "host_cpu_us_per_request": round(self.host_cpu_us, 1),
             "enclave_cpu_us_per_request": round(self.enclave_cpu_us, 1),
+            "broker_cpu_us_per_request": round(self.broker_cpu_us, 1),
+            "loadgen_cpu_us_per_request": round(self.loadgen_cpu_us, 1),
             "host_rss_mb": round(self.host_rss_kb / 1024, 1),
             "kms_calls_per_1000": round(self.kms_per_1000, 3),
             "statuses": self.statuses,
         }
 
 
+MakeRequest = Callable[[int, list[dict[str, Any]], random.Random], tuple[bytes, bytes]]
+
+
 async def drive(
-    stack: Stack, host: HostProcess, name: str, total: int, *, outstanding: int | None = None, rate: float | None = None
-) -> RunResult:
+    stack: Stack, host: HostProcess, name: str, total: int, *, outstanding: int | None = None,
+    rate: float | None = None, make: MakeRequest = make_request, linger_ms: int = 2,
+) -> RunResult:  # fmt: skip
     """Closed loop (`outstanding` in flight) or open loop (`rate` per second): every request id is matched."""
     res = RunResult(name)
     rnd = random.Random(7)
     bootstrap = stack.bootstrap
     layout = host.config.layout
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms)
     await consumer.start()
     await producer.start()
     tps = [TopicPartition(layout.results, p) for p in range(layout.result_partitions)]
@@ -275,7 +284,9 @@ async def drive(
     done = asyncio.Event()
     pids = [e.process.pid for e in stack.enclaves if e.process.running]
     host_pid = host.process.pid
+    broker_pid = stack.topology.kafka.pid if stack.topology.kafka is not None else None
     cpu0 = (cpu_seconds(host_pid), sum(cpu_seconds(p) for p in pids))
+    other0 = (cpu_seconds(broker_pid) if broker_pid else 0.0, time.process_time())
     m0 = stage_sums(await metrics_text(host.port))
     k0 = await kms_calls(stack.kms_url)
     t0 = time.perf_counter()
@@ -300,7 +311,7 @@ async def drive(
     receiver = asyncio.create_task(receive())
     try:
         for i in range(total):
-            key, value = make_request(i, stack.keys, rnd)
+            key, value = make(i, stack.keys, rnd)
             if rate is not None:  # open loop: latency counts from the intended send time
                 intended = t0 + i / rate
                 delay = intended - time.perf_counter()
@@ -323,8 +334,11 @@ async def drive(
     res.seconds = time.perf_counter() - t0
     res.requests = len(res.timeline)
     cpu1 = (cpu_seconds(host_pid), sum(cpu_seconds(p) for p in pids))
+    other1 = (cpu_seconds(broker_pid) if broker_pid else 0.0, time.process_time())
     res.host_cpu_us = (cpu1[0] - cpu0[0]) / res.requests * 1e6
     res.enclave_cpu_us = (cpu1[1] - cpu0[1]) / res.requests * 1e6
+    res.broker_cpu_us = (other1[0] - other0[0]) / res.requests * 1e6
+    res.loadgen_cpu_us = (other1[1] - other0[1]) / res.requests * 1e6
     res.host_rss_kb = rss_kb(host_pid)
     m1 = stage_sums(await metrics_text(host.port))
     res.stages = {s: (m1[s][0] - m0[s][0]) / max(1.0, m1[s][1] - m0[s][1]) for s in STAGES}

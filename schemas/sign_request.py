@@ -62,8 +62,11 @@ def unpack_map(raw: bytes, max_bytes: int) -> dict[str, Any]:
     if len(raw) > max_bytes:
         raise SchemaError(Code.TOO_LARGE, f"message is {len(raw)} bytes, the limit is {max_bytes}")
     try:
-        hook = ContainerBudget(MAX_CONTAINERS)
-        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, object_hook=hook, list_hook=hook)
+        if len(raw) <= MAX_CONTAINERS:  # every map or list takes at least one byte: this one cannot exceed the budget
+            obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        else:
+            hook = ContainerBudget(MAX_CONTAINERS)
+            obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, object_hook=hook, list_hook=hook)
     except OverBudget:
         raise SchemaError(Code.TOO_LARGE, f"message holds more than {MAX_CONTAINERS} maps and lists") from None
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.UnpackException) as exc:

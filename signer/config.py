@@ -159,7 +159,7 @@ class HostConfig:
             http_port=num("SIGNER_HTTP_PORT", 9464),
             pool=PoolSettings(
                 connections_per_enclave=num("SIGNER_CONNECTIONS_PER_ENCLAVE", 2, 1),
-                spill_after=num("SIGNER_SPILL_AFTER", 1024, 1),
+                spill_after=num("SIGNER_SPILL_AFTER", 256, 1),
                 poison_attempts=num("SIGNER_POISON_ATTEMPTS", 3, 2),
                 channel=ChannelSettings(
                     max_batch=num("SIGNER_FRAME_MAX_REQUESTS", 512, 1),

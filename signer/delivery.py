@@ -30,7 +30,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from .admin import AdminLane
 from .backpressure import Backpressure
-from .commits import Commits, lag_loop
+from .commits import Commits, RecordBatches, lag_loop
 from .config import HostConfig
 from .intake import Intake, Output, Record, Records
 from .metrics import HostMetrics
@@ -51,6 +51,7 @@ class RunMode(ConsumerRebalanceListener):
         self.intake = intake
         self.admin = admin
         self.metrics = metrics
+        self.writer = RecordBatches(producer)
         self.backpressure = Backpressure(consumer, config.max_in_flight, config.resume_below, metrics)
 
     @property
@@ -114,11 +115,11 @@ class AtLeastOnce(RunMode):
     async def _sign(self, requests: Records, fetched_at: float) -> None:
         outputs = await self.intake.outputs(requests, fetched_at)
         t0 = time.perf_counter()
-        await self.commits.publish(self.producer, outputs)  # a failed write fails the host: nothing is committed
+        await self.commits.publish(self.writer, outputs)  # a failed write fails the host: nothing is committed
         self.metrics.stage.observe("result_publish", time.perf_counter() - t0)
 
     async def _deliver_admin(self, rec: Record, reply: Output) -> None:
-        await self.commits.publish(self.producer, [reply])  # the record is done once its reply is acknowledged
+        await self.commits.publish(self.writer, [reply])  # the record is done once its reply is acknowledged
 
     async def last_commit(self) -> None:
         with contextlib.suppress(KafkaError, asyncio.CancelledError):
@@ -182,8 +183,7 @@ class ExactlyOnce(RunMode):
     async def _commit(self, outputs: list[Output], offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
         """One transaction: these outputs and these input offsets, or nothing."""
         async with self.producer.transaction():
-            for o in outputs:
-                await self.producer.send(o.topic, o.value, key=o.key)
+            await self.writer.write(outputs)  # acknowledged before the transaction commits
             await self.producer.send_offsets_to_transaction(offsets, self.config.group_id)
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:

@@ -16,6 +16,7 @@ bytes); a record is done when all its outputs are acknowledged (signer/commits.p
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any, NamedTuple, TypeAlias
 
 import msgpack
@@ -78,6 +79,7 @@ class Intake:
         now_ms = int(time.time() * 1000)
         outputs: list[Output] = []
         work: Work = []
+        waits: list[float] = []
         for records in batch.values():
             for rec in records:
                 try:
@@ -85,11 +87,12 @@ class Intake:
                 except SchemaError as exc:
                     outputs.append(self.dlq(rec, exc))
                     continue
-                self.metrics.stage.observe("kafka_wait", max(0, now_ms - rec.timestamp) / 1000)
+                waits.append(max(0, now_ms - rec.timestamp) / 1000)
                 if req.deadline_ms is not None and req.deadline_ms <= now_ms:
                     outputs.append(self.result(req, rec, _expired(req, "before the request reached a host")))
                     continue
                 work.append((req, rec))
+        self.metrics.stage.observe_many("kafka_wait", waits)
         return work, outputs
 
     async def sign(self, work: Work, fetched_at: float | None = None) -> list[Output]:
@@ -108,11 +111,25 @@ class Intake:
             self.metrics.stage.observe_many("host_queue", [t0 - fetched_at] * len(live))
         results = await self.backend.sign_many([(req.key_id, rec.value) for req, rec in live])
         self.metrics.stage.observe("enclave_round_trip", time.perf_counter() - t0)
+        signed: Counter[str] = Counter()  # scheme -> requests signed `ok` (refusals are counted one by one)
+        packb, results_topic = msgpack.packb, self.layout.results
         for (req, rec), res in zip(live, results, strict=True):
-            res.setdefault("timings_us", {})["kafka_wait"] = max(0, now_ms - rec.timestamp) * 1000
+            timings = res.get("timings_us")
+            if type(timings) is dict:
+                timings["kafka_wait"] = max(0, now_ms - rec.timestamp) * 1000
+            if res.get("status") == "ok":  # the common case, without the refusal bookkeeping of result()
+                signed[req.scheme] += 1
+                outputs.append(Output(req.reply_topic or results_topic, req.request_id.encode(),
+                                      packb(res, use_bin_type=True), TopicPartition(rec.topic, rec.partition),
+                                      rec.offset))  # fmt: skip
+                continue
+            if timings is None:
+                res["timings_us"] = {"kafka_wait": max(0, now_ms - rec.timestamp) * 1000}
             outputs.append(self.result(req, rec, res))
             if (res.get("error") or {}).get("code") == Code.POISON_REQUEST:
                 outputs.append(self.poison_dlq(req, rec, res))
+        for scheme, n in signed.items():
+            self.metrics.requests.labels(scheme, "ok").inc(n)
         return outputs
 
     # -- outputs ---------------------------------------------------------------------------------

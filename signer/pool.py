@@ -64,7 +64,7 @@ class PoolSettings:
     connections_per_enclave: int = 2
     backoff_min_s: float = 0.05
     backoff_max_s: float = 2.0
-    spill_after: int = 1024  # the affine enclave has this many queued beyond its credits: use the least loaded
+    spill_after: int = 256  # the affine enclave has this many requests queued or in flight: use a less loaded one
     poison_attempts: int = 3  # a request in flight on this many lost connections is refused (poison_request)
     channel: ChannelSettings = field(default_factory=ChannelSettings)
 
@@ -244,19 +244,28 @@ class EnclavePool:
             return
         if self._isolating and url in self._isolating:
             url = self._instead_of_isolating(url)
-        conns = [c for c in self.groups[url] if c.connected]
-        if not conns:  # went down since the last refresh: hash again over what is live
+        group = self.groups[url]
+        best: EnclaveConnection | None = None
+        load = 0  # requests queued or in flight on the enclave
+        for c in group:
+            if c.connected:
+                load += c.load
+                if best is None or c.load - c.credits < best.load - best.credits:
+                    best = c
+        if best is None:  # went down since the last refresh: hash again over what is live
             self._refresh_gauges()
             self.backlog.append(p)
             if self._live_urls:
                 self._on_up()
             return
-        best = min(conns, key=lambda c: c.load - c.credits)
-        if len(best.queue) - best.credits >= self.settings.spill_after and len(self._live_urls) > 1:
-            # the affine enclave is saturated: spill to the least loaded one (it unwraps the keyring once)
-            others = [c for c in self.live() if c.url != url and c.url not in self._isolating]
-            spill = min(others, key=lambda c: c.load - c.credits) if others else best
-            if spill.load - spill.credits < best.load - best.credits:
+        if load >= self.settings.spill_after and len(self._live_urls) > 1:
+            # the affine enclave is busy (one hot keyring is more than one enclave core can sign): spill to
+            # a less loaded enclave; it unwraps the keyring once and keeps it
+            spill = min(
+                (c for c in self.live() if c.url != url and c.url not in self._isolating),
+                key=lambda c: c.load - c.credits, default=None,
+            )  # fmt: skip
+            if spill is not None and spill.load * len(group) < load:
                 self.metrics.spilled.inc()
                 best = spill
         best.enqueue(p)

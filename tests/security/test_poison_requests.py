@@ -210,32 +210,34 @@ def test_the_attempt_limit_is_a_host_setting(monkeypatch: pytest.MonkeyPatch) ->
 async def test_a_record_with_two_outputs_is_done_only_when_both_are_acknowledged() -> None:
     from typing import cast
 
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from signer.commits import Commits
+    from signer.commits import Commits, RecordBatches
     from signer.intake import Output
     from signer.metrics import HostMetrics
 
-    class Producer:  # acknowledges when the test says so
+    class Writer:  # one batch per topic, acknowledged when the test says so
         def __init__(self) -> None:
             self.acks: list[asyncio.Future[None]] = []
 
-        async def send(self, topic: str, value: bytes, key: bytes | None = None) -> asyncio.Future[None]:
-            self.acks.append(asyncio.get_running_loop().create_future())
-            return self.acks[-1]
+        async def write(self, outputs: list[Output]) -> None:
+            topics = {o.topic for o in outputs}
+            new = [asyncio.get_running_loop().create_future() for _ in topics]
+            self.acks += new
+            await asyncio.gather(*new)
 
     commits = Commits(cast(AIOKafkaConsumer, None), HostMetrics(), interval_s=1)
     tp = TopicPartition("sign.requests", 0)
     commits.tracker.add(tp, [7])
-    producer = Producer()
+    writer = Writer()
     outputs = [Output("sign.results", b"r", b"result", tp, 7), Output("sign.dlq", b"r", b"dlq record", tp, 7)]
-    publishing = asyncio.create_task(commits.publish(cast(AIOKafkaProducer, producer), outputs))
-    while len(producer.acks) < 2:  # noqa: ASYNC110 - until both outputs are sent
+    publishing = asyncio.create_task(commits.publish(cast(RecordBatches, writer), outputs))
+    while len(writer.acks) < 2:  # noqa: ASYNC110 - until both outputs are handed over
         await asyncio.sleep(0)
-    producer.acks[0].set_result(None)  # the poison request's result
+    writer.acks[0].set_result(None)  # one of the two batches
     await asyncio.sleep(0)
-    assert commits.tracker.committable() == {} and commits.in_flight == 1  # the DLQ record is not in yet
-    producer.acks[1].set_result(None)
+    assert commits.tracker.committable() == {} and commits.in_flight == 1  # the other is not in yet
+    writer.acks[1].set_result(None)
     await publishing
     assert commits.tracker.committable() == {tp: 8} and commits.in_flight == 0
 
