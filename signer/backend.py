@@ -94,6 +94,11 @@ class EnclaveBackend:
                     results[i] = res
         return results
 
+    @property
+    def outstanding(self) -> int:
+        """Requests in the enclave pool: queued or in flight on a connection, or waiting to be re-sent."""
+        return self.pool.queued + self.pool.in_flight
+
     async def sign(self, key_id: str, raw: bytes) -> dict[str, Any]:
         """One request (the hot path signs batches)."""
         return (await self.sign_many([(key_id, raw)]))[0]

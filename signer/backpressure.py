@@ -3,8 +3,9 @@
 At SIGNER_MAX_IN_FLIGHT records in flight (fetched and not yet done) the host pauses every
 partition it owns - it keeps polling, so it stays in the group - and resumes them at
 SIGNER_RESUME_BELOW; a fetch never asks for more than the room left, and newly assigned
-partitions inherit the pause. This one bound also covers what waits in the enclave pool, since
-everything there is a fetched record that is not done.
+partitions inherit the pause. This one bound also covers what waits in the enclave pool: the
+at-least-once mode counts the larger of its records not done and the pool's requests, so records
+a rebalance forgot while their requests were still in the pool keep counting until they leave it.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # one clear line for the operator, not a traceback
-        from aiokafka.errors import KafkaError
+        from aiokafka.errors import KafkaConnectionError, KafkaError, ProducerFenced
 
         from broker.local_kafka import KafkaUnavailable
 
@@ -86,8 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         from .cluster import ClusterError
         from .config import ConfigError
 
-        if isinstance(exc, KafkaError):
+        if isinstance(exc, ProducerFenced):
+            print("signer: fenced: another host uses the same transactional id (SIGNER_TRANSACTIONAL_ID); "
+                  "this one stops", file=sys.stderr)  # fmt: skip
+            return 2
+        if isinstance(exc, KafkaConnectionError):
             print(f"signer: Kafka error: {exc!r} (is KAFKA_BOOTSTRAP right and the broker up?)", file=sys.stderr)
+            return 2
+        if isinstance(exc, KafkaError):
+            print(f"signer: Kafka error: {exc!r}", file=sys.stderr)
             return 2
         if isinstance(exc, KafkaUnavailable | AdminError | ConfigError | ClusterError | ValueError):
             print(f"signer: {exc}", file=sys.stderr)
@@ -178,10 +185,22 @@ async def _host() -> int:
     stop.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await stop
-    await host.stop_within(run, cfg.shutdown_timeout_s)
-    run.result()  # re-raise a failure of the loop
-    await runner.cleanup()
+    try:
+        await host.stop_within(run, cfg.shutdown_timeout_s)  # re-raises a failure of the loop
+        if not run.cancelled():  # cancelled: past the shutdown timeout (logged); the next owner redoes the rest
+            run.result()
+    except BaseExceptionGroup as group:  # a task of the loop failed: the first failure, as one line
+        raise _first_failure(group) from None
+    finally:
+        await runner.cleanup()
     return 0
+
+
+def _first_failure(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _operator_inputs(args: argparse.Namespace) -> tuple[list[Any], x509.Certificate, bytes | None]:

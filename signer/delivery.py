@@ -84,7 +84,10 @@ class AtLeastOnce(RunMode):
 
     @property
     def in_flight(self) -> int:
-        return self.commits.in_flight
+        """Records fetched and not done - or, if more, requests still in the enclave pool: a rebalance
+        forgets a revoked partition's unfinished records, but not their requests already handed to the
+        pool, and the partition's next owner (this host again, perhaps) fetches them anew."""
+        return max(self.commits.in_flight, self.intake.backend.outstanding)
 
     async def run(self, stopping: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
