@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     demo = sub.add_parser("demo", help="start a local cluster, sign a sample batch, verify, stop")
     demo.add_argument("-n", type=int, default=200, help="number of sample requests")
-    sub.add_parser("up", help="run a local cluster in the foreground until interrupted")
+    up = sub.add_parser("up", help="run a local cluster in the foreground until interrupted")
+    up.add_argument("--brokers", type=int, default=1,
+                    help="Kafka nodes to start, each a broker and controller (default 1); topics get min(3, N) "
+                         "replicas, min.insync.replicas=2 with three")  # fmt: skip
     sub.add_parser("host", help="run one host worker (KAFKA_BOOTSTRAP, SIGNER_ENCLAVES)")
     dk = sub.add_parser("dev-enclave", help="dev KMS: write a dev enclave configuration, operator key and a keyring "
                         "KMS key bound to the measurement of this code and that configuration")  # fmt: skip
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     kr.add_argument("--keyring", default=None)
     args = ap.parse_args(argv)
+    if args.cmd == "up" and args.brokers < 1:
+        ap.error("--brokers must be at least 1")
 
     configure_logging("signer", os.environ.get("SIGNER_LOG_LEVEL", "WARNING" if args.cmd != "host" else "INFO"))
     try:
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return _run(run_demo(args.n))
         if args.cmd == "up":
-            return _run(_up())
+            return _run(_up(args.brokers))
         if args.cmd == "host":
             return _run(_host())
         if args.cmd == "dev-enclave":
@@ -119,11 +124,11 @@ async def _until_signal() -> None:
     await stop.wait()
 
 
-async def _up() -> int:
+async def _up(brokers: int = 1) -> int:
     from .cluster import LocalCluster
 
     data_dir = Path(os.environ.get("SIGNER_DATA_DIR") or Path.home() / ".local/share/enclave-signer")
-    async with LocalCluster(data_dir=data_dir) as cluster:
+    async with LocalCluster(data_dir=data_dir, brokers=brokers) as cluster:
         print(f"KAFKA_BOOTSTRAP={cluster.bootstrap}", flush=True)
         print(f"data (dev KMS keys, wrapped keyrings): {data_dir}", flush=True)
         print(f"metrics: http://127.0.0.1:{cluster.http_port}/metrics  (Ctrl-C to stop)", flush=True)

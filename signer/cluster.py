@@ -1,5 +1,6 @@
-"""A whole local cluster in one place: Kafka (unless KAFKA_BOOTSTRAP is set), the dev KMS,
-enclave worker processes on Unix sockets standing in for vsock, and a host worker in-process.
+"""A whole local cluster in one place: Kafka (unless KAFKA_BOOTSTRAP is set; one node, or a
+LocalKafkaCluster of `brokers` nodes), the dev KMS, enclave worker processes on Unix sockets
+standing in for vsock, and a host worker in-process.
 
 Used by `python -m signer up` and `python -m signer demo`; built with signer/topology.py. State
 that must survive a restart (the dev KMS's keys and PKI, the wrapped keyrings) lives in a data
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from broker.topics import replication_factor_for
+
 from .config import HostConfig
 from .http import listen_socket
 from .topology import Enclaves, LocalHost, Topology
@@ -27,6 +30,7 @@ from .topology import Enclaves, LocalHost, Topology
 if TYPE_CHECKING:
     import socket
 
+    from broker.kafka_cluster import LocalKafkaCluster
     from devkms.local import DevEnclave
 
     from .host import HostWorker
@@ -76,7 +80,13 @@ class LocalCluster:
         partitions: int | None = None,
         enclave_processes: int | None = None,
         data_dir: Path | None = None,
+        brokers: int = 1,
     ) -> None:
+        if brokers < 1:
+            raise ClusterError(f"--brokers {brokers}: a Kafka cluster needs at least one broker")
+        self.brokers = brokers
+        # with brokers > 1: the LocalKafkaCluster this cluster started (a single node is the topology's)
+        self.kafka_cluster: LocalKafkaCluster | None = None
         self.workdir = Path(tempfile.mkdtemp(prefix="signer-cluster-"))
         self.data_dir = data_dir or self.workdir / "data"
         # signing is CPU-bound under the GIL: one enclave worker process per core by default
@@ -130,19 +140,39 @@ class LocalCluster:
     async def _start_parts(self, http_socket: socket.socket) -> None:
         topo = self.topology
         topo.bootstrap = os.environ.get("KAFKA_BOOTSTRAP", "")
+        if topo.bootstrap and self.brokers > 1:
+            raise ClusterError(f"--brokers {self.brokers} starts a local Kafka, but KAFKA_BOOTSTRAP is set: "
+                               "unset it, or leave out --brokers")  # fmt: skip
         if not topo.bootstrap:
-            await topo.start_kafka(self.workdir / "kafka")
-            assert topo.kafka is not None
-            log.info("kafka_ready", bootstrap=topo.bootstrap, startup_s=round(topo.kafka.startup_seconds, 2))
+            startup_s = await self._start_kafka()
+            log.info("kafka_ready", bootstrap=topo.bootstrap, brokers=self.brokers, startup_s=round(startup_s, 2))
         await self._start_kms()
         await topo.start_enclaves(Enclaves(count=self.enclave_processes, prefix="enclave-"))
         cfg = topo.host_config(http_port=http_socket.getsockname()[1])
         if self._partitions:
             cfg.layout = replace(cfg.layout, request_partitions=self._partitions)
+        if self.kafka_cluster is not None and cfg.layout.replication_factor is None:
+            # min(3, brokers) replicas (min.insync.replicas=2 with three), whatever the metadata lists yet
+            cfg.layout = replace(cfg.layout, replication_factor=replication_factor_for(self.brokers))
         self.config = cfg
         self._local = await topo.start_local_host(cfg, http_socket)
         self.http_port = self._local.port
         await self._serving(cfg)
+
+    async def _start_kafka(self) -> float:
+        """Kafka in the work directory: the topology's single node, or a LocalKafkaCluster of `brokers`
+        nodes (stopped in aclose, after everything else). Its start-up time in seconds."""
+        topo = self.topology
+        if self.brokers == 1:
+            await topo.start_kafka(self.workdir / "kafka")
+            assert topo.kafka is not None
+            return topo.kafka.startup_seconds
+        from broker.kafka_cluster import LocalKafkaCluster
+
+        self.kafka_cluster = LocalKafkaCluster(brokers=self.brokers, data_dir=self.workdir / "kafka")
+        await asyncio.to_thread(self.kafka_cluster.start)  # stops the nodes it started if it fails
+        topo.bootstrap = self.kafka_cluster.bootstrap
+        return self.kafka_cluster.startup_seconds
 
     async def _start_kms(self) -> None:
         """Start the dev KMS; provision the dev enclave configuration, operator key and keyring KMS key."""
@@ -186,6 +216,9 @@ class LocalCluster:
         try:
             await self.topology.aclose()
         finally:
+            if self.kafka_cluster is not None:
+                await asyncio.to_thread(self.kafka_cluster.stop)
+                self.kafka_cluster = None
             self._local = None
             self._lock.release()
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from eth_account import Account
 
-from broker.local_kafka import api_versions_ok, free_port
+from broker.local_kafka import api_versions_ok, free_port, metadata
 from signer.topology import ChildProcess
 from tests.conftest import ROOT
 
@@ -114,3 +115,51 @@ def test_a_second_up_on_the_same_data_dir_or_port_is_one_line_and_exit_2(tmp_pat
         for proc in others:
             proc.stop()
         assert first.stop(signal.SIGINT, timeout=60) == 0
+
+
+def test_up_with_three_brokers_replicates_the_topics_and_stops_every_node(tmp_path: Path) -> None:
+    """`signer up --brokers 3`: a three-node Kafka, every topic with three replicas and
+    min.insync.replicas=2, `signer keys create` through it, and every node gone after Ctrl-C."""
+    up = ChildProcess("signer", ["up", "--brokers", "3"], {**CLEAN_ENV, "SIGNER_HTTP_PORT": "0",
+                      "SIGNER_DATA_DIR": str(tmp_path / "data")}, log=tmp_path / "up.log").spawn()  # fmt: skip
+    addresses: list[tuple[str, int]] = []
+    try:
+        bootstrap = up.wait_for_line("KAFKA_BOOTSTRAP=", timeout=180).split("=", 1)[1].strip()
+        addresses = [(h, int(p)) for h, p in (a.rsplit(":", 1) for a in bootstrap.split(","))]
+        assert len(addresses) == 3 and all(api_versions_ok(h, p) for h, p in addresses), bootstrap
+        md = metadata(*addresses[0], ["sign.requests", "sign.results", "sign.admin"])
+        assert md is not None and set(md.brokers) == {1, 2, 3}
+        for topic, parts in md.topics.items():
+            assert parts and all(len(s.replicas) == 3 for s in parts.values()), (topic, parts)
+        assert asyncio.run(_min_insync(bootstrap, "sign.requests")) == "2"
+        env = {"KAFKA_BOOTSTRAP": bootstrap}
+        for name in ("SIGNER_OPERATOR_KEY", "SIGNER_ATTESTATION_ROOT", "SIGNER_EXPECT_PCR0"):
+            env[name] = up.wait_for_line(f"export {name}=", timeout=10).split("=", 1)[1].strip()
+        out = run_cli("keys", "create", env=env)
+        assert out.returncode == 0 and json.loads(out.stdout)["verified"] is True, out.stderr
+    finally:
+        code = up.stop(signal.SIGINT, timeout=60)
+    assert code == 0 and "stopped" in up.output
+    assert not any(api_versions_ok(h, p) for h, p in addresses)  # every node it started is gone
+
+
+async def _min_insync(bootstrap: str, topic: str) -> str:
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    finally:
+        await admin.close()
+    return str({c[0]: c[1] for c in responses[0].resources[0][4]}["min.insync.replicas"])
+
+
+def test_up_brokers_is_refused_with_an_outside_kafka_or_below_one(tmp_path: Path) -> None:
+    env = {"KAFKA_BOOTSTRAP": "127.0.0.1:1", "SIGNER_DATA_DIR": str(tmp_path / "data")}
+    out = run_cli("up", "--brokers", "3", env=env, timeout=30)
+    assert out.returncode == 2 and "KAFKA_BOOTSTRAP is set" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "KAFKA_BOOTSTRAP=" not in out.stdout
+    out = run_cli("up", "--brokers", "0", timeout=30)
+    assert out.returncode == 2 and "--brokers must be at least 1" in out.stderr, out.stderr
