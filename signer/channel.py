@@ -113,7 +113,8 @@ class Pending:
 class ChannelSettings:
     max_batch: int = 512  # requests per frame
     max_batch_bytes: int = 1024 * 1024  # request bytes per frame
-    batch_window_s: float = 0.0005  # wait this long for more requests when a frame is not full
+    batch_window_s: float = 0.0005  # wait this long for more requests when a frame is not full and the
+    # enclave is still working on earlier ones (an idle enclave gets a request at once)
     heartbeat_interval_s: float = 1.0
     dead_after_s: float = 5.0  # no frame at all from the enclave this long: hung or dead
     hello_timeout_s: float = 5.0
@@ -316,8 +317,11 @@ class EnclaveConnection:
             if not self._sendable():
                 self._work.clear()
                 continue
-            if not self._alone and s.batch_window_s > 0 and len(self.queue) < min(s.max_batch, self.credits):
-                await asyncio.sleep(s.batch_window_s)  # coalesce: let more requests join this frame
+            if (not self._alone and s.batch_window_s > 0 and self.inflight
+                    and len(self.queue) < min(s.max_batch, self.credits)):  # fmt: skip
+                # coalesce while the enclave is busy with earlier frames: let more requests join this one
+                # (an idle enclave gets the request at once: the window would only add latency)
+                await asyncio.sleep(s.batch_window_s)
                 if not self._sendable():  # held (or drained) meanwhile
                     continue
             items: list[list[Any]] = []

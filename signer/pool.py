@@ -265,7 +265,7 @@ class EnclavePool:
                 (c for c in self.live() if c.url != url and c.url not in self._isolating),
                 key=lambda c: c.load - c.credits, default=None,
             )  # fmt: skip
-            if spill is not None and spill.load * len(group) < load:
+            if spill is not None and spill.load - spill.credits < best.load - best.credits:
                 self.metrics.spilled.inc()
                 best = spill
         best.enqueue(p)

@@ -270,3 +270,27 @@ async def test_a_saturated_enclave_spills_to_the_least_loaded(sock_dir: Path) ->
             assert len(stuck.received) == 4  # it never got more than its credits
         finally:
             await pool.close()
+
+
+async def test_one_hot_keyring_is_signed_by_more_than_one_enclave(sock_dir: Path) -> None:
+    # both enclaves answer and have credits to spare: past SIGNER_SPILL_AFTER requests outstanding on the
+    # keyring's enclave, its requests go to the other one too (a spill rule on queueing beyond credits
+    # never fired here: 2 x 4,096 credits, so one hot wallet was capped at one enclave core)
+    async def answer(enclave: ScriptedEnclave, body: dict[str, object], writer: asyncio.StreamWriter) -> None:
+        if body["t"] == frames.SIGN:
+            await enclave.answer(body["items"], writer)
+
+    async with ScriptedEnclave(sock_dir / "a.sock", credits=4096, on_frame=answer) as a, \
+               ScriptedEnclave(sock_dir / "b.sock", credits=4096, on_frame=answer) as b:  # fmt: skip
+        metrics = HostMetrics()
+        pool = EnclavePool([a.url, b.url], PoolSettings(connections_per_enclave=2), metrics)
+        try:
+            await pool.start(ready_timeout=10)
+            await wait_until(lambda: len(pool.live()) == 4, what="every connection")
+            results = await pool.submit_many([("hot-keyring", _raw(i)) for i in range(2000)])
+            assert len(results) == 2000
+            counts = sorted([len(a.received), len(b.received)])
+            assert sum(counts) == 2000 and counts[0] >= 500, counts  # the keyring's enclave and the other
+            assert metrics.spilled._value.get() == counts[0]
+        finally:
+            await pool.close()
