@@ -25,7 +25,12 @@ uses ``signer-host``):
   and the response is lost;
 - **stall** the connections of chosen processes (`stall` / `resume`): nothing is read from or
   written to them, in either direction, until resumed; the sockets stay open. A connection's
-  process is found from /proc (the socket inode of its peer port).
+  process is found from /proc (the socket inode of its peer port);
+- **black-hole** chosen processes (`black_hole` / `end_black_hole`): their connections are cut,
+  and every new connection they open is accepted and read (requests, ApiVersions included, are
+  counted) but never forwarded and never answered - a broker that takes connections and then says
+  nothing; when the hole ends its connections are closed (as a broker coming back would) and new
+  connections are forwarded again.
 
 Everything else is forwarded unchanged.
 """
@@ -293,6 +298,7 @@ class _Conn:
     flowing: asyncio.Event = field(default_factory=asyncio.Event)
     owner: int | None = None
     client_ids: set[str] = field(default_factory=set)
+    holed: bool = False  # in the black hole: read, never forwarded nor answered
 
 
 @dataclass
@@ -333,6 +339,10 @@ class KafkaProxy:
         self.cut_keys: set[tuple[str, bytes]] = set()  # keys of the Produce requests whose answer was lost
         self._stalled_pids: set[int] = set()
         self.stalled_conns: set[int] = set()  # connections stalled at least once
+        self._holed_pids: set[int] = set()
+        self.hole_cut = 0  # connections cut when a black hole began
+        self.holed_conns: set[int] = set()  # connections accepted into a black hole
+        self.holed_requests: Counter[int] = Counter()  # api_key -> requests swallowed by a black hole
 
     @property
     def address(self) -> str:
@@ -412,11 +422,30 @@ class KafkaProxy:
         for conn in self.conns.values():
             conn.flowing.set()
 
+    def black_hole(self, pids: set[int]) -> int:
+        """Cut every connection of these processes; from now on, accept and read their new connections
+        but neither forward nor answer anything on them. The number of connections cut."""
+        self._holed_pids = set(pids)
+        cut = [conn for conn in self.conns.values() if not conn.holed and self._owner(conn) in pids]
+        for conn in cut:
+            conn.flowing.set()
+            self._close(conn)
+        self.hole_cut += len(cut)
+        return len(cut)
+
+    def end_black_hole(self) -> int:
+        """Close the connections in the black hole; new ones are forwarded again. How many were closed."""
+        self._holed_pids = set()
+        holed = [conn for conn in self.conns.values() if conn.holed]
+        for conn in holed:
+            self._close(conn)
+        return len(holed)
+
     # -- plumbing --------------------------------------------------------------------------------
 
     def _owner(self, conn: _Conn) -> int | None:
-        if conn.owner is None and self._stalled_pids:
-            conn.owner = socket_owner(conn.peer_port, self.port, self._stalled_pids)
+        if conn.owner is None and (self._stalled_pids or self._holed_pids):
+            conn.owner = socket_owner(conn.peer_port, self.port, self._stalled_pids | self._holed_pids)
         return conn.owner
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -432,6 +461,11 @@ class KafkaProxy:
         if self._stalled_pids and self._owner(conn) in self._stalled_pids:
             conn.flowing.clear()
             self.stalled_conns.add(conn.cid)
+        if self._holed_pids and self._owner(conn) in self._holed_pids:
+            conn.holed = True
+            self.holed_conns.add(conn.cid)
+            await self._swallow(conn, reader)
+            return
         try:
             await self._upstream_known.wait()
             assert self._upstream is not None
@@ -442,6 +476,15 @@ class KafkaProxy:
         conn.upstream_w = up_w
         self._spawn(self._responses(conn, up_r))
         await self._requests(conn, reader)
+
+    async def _swallow(self, conn: _Conn, reader: asyncio.StreamReader) -> None:
+        """A connection in the black hole: read and count its requests, forward and answer none."""
+        try:
+            while (frame := await _read_frame(reader)) is not None:
+                with contextlib.suppress(ValueError, struct.error):
+                    self.holed_requests[request_header(frame).api_key] += 1
+        finally:
+            self._close(conn)
 
     async def _requests(self, conn: _Conn, reader: asyncio.StreamReader) -> None:
         assert conn.upstream_w is not None

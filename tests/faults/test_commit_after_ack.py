@@ -18,7 +18,10 @@ offset was read.
   back; the idempotent producer retries, nothing is written twice or committed early;
 - a stalled connection: one of two hosts' connections stop forwarding for 10 s (35 s with
   SIGNER_LONG_FAULTS=1) without closing, then come back: the other host takes over, nothing is
-  lost, duplicates are identical but for their timings.
+  lost, duplicates are identical but for their timings;
+- a broker that answers nothing: one of two hosts' connections are cut and every new one it opens is
+  accepted but never answered (not even ApiVersions) for 10 s (50 s with SIGNER_LONG_FAULTS=1): the
+  other host takes over, the first survives it and serves again once the hole ends.
 """
 
 from __future__ import annotations
@@ -366,3 +369,102 @@ async def test_a_stalled_broker_connection_comes_back(proxied: Proxied, stall_s:
            f"{stalled} connections stalled; h1 took all {everything} partitions; {during} results late in the "
            f"stall; h0 signed {signed_after} after it")  # fmt: skip
     sup.check()
+
+
+API_VERSIONS = 18  # the first request of every new Kafka connection
+
+
+async def _assigned_after(stage: Stage, host: str, seen: int, want: Callable[[int], bool]) -> bool:
+    """Whether `host` logged a partitions_assigned (beyond its first `seen` ones) whose count `want`s."""
+    events = log_events(stage.log(host), "partitions_assigned")[seen:]
+    return any(want(e["partitions"]) for e in events)
+
+
+@pytest.mark.parametrize(
+    "hole_s", [10, pytest.param(50, marks=pytest.mark.skipif(not LONG, reason=LONG_REASON))], ids=lambda s: f"{s}s"
+)
+async def test_a_broker_that_answers_nothing_on_new_connections(proxied: Proxied, hole_s: int) -> None:
+    """Two hosts under load; once 400 results are in, h0's broker connections are cut and every new
+    connection it opens is accepted and read but never answered - not even ApiVersions, the first
+    request of a Kafka connection - for `hole_s` seconds (50 s: past the producer's 30 s and the
+    consumer's 40 s request timeouts, so h0 gives up on connections and opens new ones into the hole).
+    Then the hole ends: its connections are closed and new ones reach the broker. h1 takes every
+    partition in the hole, h0 survives it, rejoins and serves again; nothing is lost, no commit passes
+    an unacknowledged result."""
+    px, stage, proxy = proxied, proxied.stage, proxied.proxy
+    await populate(stage, ["h0", "h1"])
+    everything = stage.layout.request_partitions + 1  # the request partitions and sign.admin's
+    sent: list[dict[str, Any]] = []
+    stop = asyncio.Event()
+    t0 = time.monotonic()
+    async with (
+        Supervisor(stage) as sup,
+        Collector(proxy.address, stage.layout) as col,
+        Load(proxy.address, stage.layout.requests, stage.layout.request_partitions) as load,
+        px.monitor() as mon,
+    ):
+        streaming = asyncio.create_task(load.stream(lambda i: request(stage, i, "b"), 200, stop, sent))
+        await col.wait_results(400)
+        h0 = stage.topology.hosts["h0"]
+        h1_seen = len(log_events(stage.log("h1"), "partitions_assigned"))
+        signed_before = await host_signed(h0.url)  # its HTTP endpoint is not behind the proxy
+        t_hole, hole_ms = time.monotonic(), int(time.time() * 1000)
+        cut = proxy.black_hole({h0.process.pid})
+        assert cut >= 2, f"{cut} connections of h0 found"  # its consumer's and its producer's at least
+        # in the hole: h1 takes every partition once h0's session times out, h0 dials into the hole
+        await wait_until(lambda: _assigned_after(stage, "h1", h1_seen, lambda n: n == everything), hole_s,
+                         "h1 to take every partition in the hole")  # fmt: skip
+        took_over_s = time.monotonic() - t_hole
+        await wait_until(_true_when(lambda: proxy.holed_requests[API_VERSIONS] > 0), hole_s,
+                         "h0 to open a connection into the hole")  # fmt: skip
+        await asyncio.sleep(max(0.0, t_hole + hole_s - time.monotonic()))  # the fault itself: this long
+        assert h0.process.running, f"h0 exited in the hole: {stage.log('h0')[-1500:]}"
+        holed, swallowed = len(proxy.holed_conns), dict(proxy.holed_requests)
+        h0_seen = len(log_events(stage.log("h0"), "partitions_assigned"))
+        signed_in_hole = await host_signed(h0.url)
+        closed = proxy.end_black_hole()
+        end_ms = int(time.time() * 1000)
+        # h0 back: it rejoins the group, gets partitions, and signs requests of them
+        await wait_until(lambda: _assigned_after(stage, "h0", h0_seen, lambda n: n > 0), 60,
+                         "h0 to be assigned partitions after the hole")  # fmt: skip
+        back_s = time.monotonic() - t_hole - hole_s
+        signed_at_rejoin = await host_signed(h0.url)
+        stale = int(signed_at_rejoin - signed_in_hole)  # before the rejoin: from its old positions, if any
+        signed_in_hole = int(signed_in_hole - signed_before)
+        await wait_until(lambda: _signed_at_least(h0.url, signed_at_rejoin + 1), 60, "h0 to sign after rejoining")
+        await col.wait_results(col.total + 400)
+        stop.set()
+        await streaming
+        await col.wait_ids({r["request_id"] for r in sent})
+        await px.wait_committed(mon, ends_of(load, stage.layout.request_partitions))
+        signed_after = int(await host_signed(h0.url) - signed_at_rejoin)
+    assert mon.violations(load.by_offset()) == []
+    assert proxy.errors == [], proxy.errors[:5]
+    acc = account(sent, col, stage.addresses)
+    sup.check()  # neither host died, in the hole or after it
+    during = col.produced_between(hole_ms + int(took_over_s * 1000), end_ms)
+    assert during > 0, "no result produced in the hole after h1 took over"
+    assert signed_after > 0
+    if hole_s > 40:  # both clients' first connection into the hole timed out, and they dialled into it again
+        assert holed >= 3, f"{holed} connections into the hole: h0 never dialled again after a request timeout"
+    redone = [r["request_id"] for r in sent if len(col.results[r["request_id"]]) > 1]
+    redone_before = sum(1 for rid in redone if load.sent_ms[rid] < hole_ms)
+    print(f"\n{cut} connections of h0 cut; {holed} new ones black-holed, requests swallowed by api key "
+          f"{swallowed}; h1 took all {everything} partitions {took_over_s:.1f}s into the hole; {during} results "
+          f"after that in the hole; h0 signed {signed_in_hole} in the hole; {closed} holed connections closed at the "
+          f"end; h0 signed {stale} before its new assignment, {back_s:.1f}s after the hole, and {signed_after} "
+          f"since; {acc.duplicates} duplicates ({redone_before} of the {len(redone)} ids redone sent before the "
+          f"hole) "
+          f"({acc.identical_records} whole-record identical)")  # fmt: skip
+    record(f"h0's new broker connections answered nothing for {hole_s} s (two hosts)", acc, time.monotonic() - t0,
+           f"{cut} connections cut, {holed} opened into the hole ({swallowed.get(API_VERSIONS, 0)} ApiVersions "
+           f"unanswered); h1 took all {everything} partitions after {took_over_s:.1f}s; {during} results in the "
+           f"hole after that; h0 signed {stale} before its new assignment {back_s:.1f}s after it, {signed_after} "
+           f"after")  # fmt: skip
+
+
+def _true_when(condition: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return condition()
+
+    return check
