@@ -68,6 +68,7 @@ async def run_profile(out: Path, total: int = 30_000, open_seconds: float = 10.0
         if flamegraphs:
             report["flamegraphs"] = await _flamegraphs(stack, host.process.pid, out, total)
         await host.process.astop()
+        report["hot_key"] = await _hot_key(stack, total // 2)
     finally:
         await stack.close()
     print(file=sys.stderr)
@@ -87,6 +88,28 @@ async def run_profile(out: Path, total: int = 30_000, open_seconds: float = 10.0
     (out / "profile.json").write_text(json.dumps(report, indent=2))
     (out / "profile.md").write_text(markdown(report))
     return report
+
+
+def hot_key_request(i: int, keys: list[dict[str, Any]], rnd: random.Random) -> tuple[bytes, bytes]:
+    return digest_request(i, keys[:1], rnd)
+
+
+async def _hot_key(stack: Stack, total: int) -> dict[str, Any]:
+    """One wallet only, closed loop: through a host over one enclave, then over two. The keyring's
+    enclave spills to the other one past SIGNER_SPILL_AFTER outstanding requests, so the second run
+    should be faster by up to the number of enclaves."""
+    out: dict[str, Any] = {}
+    for n in (1, 2):
+        host = await start_host(stack, enclaves=n)
+        try:
+            await drive(stack, host, "hot key warm-up", 2000, outstanding=4000, make=hot_key_request)
+            name = f"one hot key, {n} enclave(s)"
+            run = await drive(stack, host, name, total, outstanding=4000, make=hot_key_request)
+            out[f"{n}_enclaves"] = run.summary()
+        finally:
+            await host.process.astop()
+    out["speedup_2_over_1"] = round(out["2_enclaves"]["per_second"] / max(1, out["1_enclaves"]["per_second"]), 2)
+    return out
 
 
 async def _flamegraphs(stack: Stack, host_pid: int, out: Path, total: int) -> dict[str, str]:
@@ -145,6 +168,15 @@ def markdown(r: dict[str, Any]) -> str:
             f"{run['host_cpu_us_per_request']} | {run['enclave_cpu_us_per_request']} | "
             f"{run['broker_cpu_us_per_request']} | {run['loadgen_cpu_us_per_request']} | {run['host_rss_mb']} |"
         )
+    half = next((run for run in r["runs"] if run["name"].startswith("open loop 50%")), None)
+    if half is not None:
+        lines += ["", f"Where a request's time goes at 50% of the maximum ({half['name']}): mean ms per stage, "
+                  "from the host's `signer_stage_seconds`", "", "| stage | ms |", "|---|---|"]  # fmt: skip
+        lines += [f"| {stage} | {ms} |" for stage, ms in half["stage_ms_per_request"].items()]
+    hot = r.get("hot_key")
+    if hot:
+        lines += ["", f"One hot key (closed loop, one wallet): {hot['1_enclaves']['per_second']:,}/s over one enclave, "
+                  f"{hot['2_enclaves']['per_second']:,}/s over two: **{hot['speedup_2_over_1']}x**."]  # fmt: skip
     if r.get("flamegraphs"):
         lines += ["", "Flame graphs (py-spy, a second closed loop): host.svg, enclave.svg."]
     return "\n".join(lines) + "\n"

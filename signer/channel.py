@@ -113,8 +113,11 @@ class Pending:
 class ChannelSettings:
     max_batch: int = 512  # requests per frame
     max_batch_bytes: int = 1024 * 1024  # request bytes per frame
-    batch_window_s: float = 0.0005  # wait this long for more requests when a frame is not full and the
-    # enclave is still working on earlier ones (an idle enclave gets a request at once)
+    # 0 (default): a frame is whatever queued since the connection last sent - at once when it is
+    # idle, and while it is busy whatever arrives meanwhile (a fetched batch is queued whole), so
+    # frames grow with load and no fixed wait is on the path. > 0: while frames are in flight, a
+    # frame that is not full first waits this long for more (fewer, larger frames; more latency)
+    batch_window_s: float = 0.0
     heartbeat_interval_s: float = 1.0
     dead_after_s: float = 5.0  # no frame at all from the enclave this long: hung or dead
     hello_timeout_s: float = 5.0
@@ -319,8 +322,7 @@ class EnclaveConnection:
                 continue
             if (not self._alone and s.batch_window_s > 0 and self.inflight
                     and len(self.queue) < min(s.max_batch, self.credits)):  # fmt: skip
-                # coalesce while the enclave is busy with earlier frames: let more requests join this one
-                # (an idle enclave gets the request at once: the window would only add latency)
+                # the optional fixed window: only while the enclave is busy with earlier frames
                 await asyncio.sleep(s.batch_window_s)
                 if not self._sendable():  # held (or drained) meanwhile
                     continue

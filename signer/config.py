@@ -164,7 +164,7 @@ class HostConfig:
                 channel=ChannelSettings(
                     max_batch=num("SIGNER_FRAME_MAX_REQUESTS", 512, 1),
                     max_batch_bytes=_int_at_most("SIGNER_FRAME_MAX_BYTES", 1024 * 1024, 1024, 1024 * 1024, environ),
-                    batch_window_s=num("SIGNER_BATCH_WINDOW_US", 500) / 1e6,
+                    batch_window_s=num("SIGNER_BATCH_WINDOW_US", 0) / 1e6,
                     heartbeat_interval_s=num("SIGNER_HEARTBEAT_INTERVAL_MS", 1000, 10) / 1000,
                     dead_after_s=num("SIGNER_DEAD_AFTER_MS", 5000, 50) / 1000,
                 ),
