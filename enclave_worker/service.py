@@ -19,7 +19,7 @@ from typing import Any
 from schemas.errors import SchemaError
 from schemas.eth_tx import EthTx, parse_eth_tx
 from schemas.refusals import Code, Refused
-from schemas.sign_request import SignRequest, decode_sign_request
+from schemas.sign_request import SignRequest, decode_sign_request, readable_ids
 from schemas.sign_result import SignResult
 
 from . import signers
@@ -164,8 +164,9 @@ class SigningService:
         """Decode and check what needs no key: the deadline, that the key exists, the transaction."""
         try:
             req = decode_sign_request(raw)
-        except SchemaError as exc:
-            return SignResult.refused(exc.request_id or "", "", exc)
+        except SchemaError as exc:  # answered under the ids it carries, as far as they can be read
+            _, key_id, _ = readable_ids(raw)
+            return SignResult.refused(exc.request_id or "", key_id or "", exc)
         if req.deadline_ms is not None and req.deadline_ms <= now_ms:
             return _expired(req)
         if req.key_id not in self.vault.sealed:

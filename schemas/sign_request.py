@@ -83,7 +83,28 @@ def decode_sign_request(raw: bytes) -> SignRequest:
     return sign_request_from_map(unpack_map(raw, MAX_REQUEST_BYTES))
 
 
-def sign_request_from_map(m: dict[str, Any]) -> SignRequest:
+def readable_ids(raw: Any) -> tuple[str | None, str | None, str | None]:
+    """(request_id, key_id, reply_topic) of a message that may be invalid, as far as they can be read
+    (each None unless it has its valid form): where a refusal of that message can be answered."""
+    try:
+        m = unpack_map(raw, MAX_REQUEST_BYTES)
+    except SchemaError:
+        return None, None, None
+    rid, kid, topic = m.get("request_id"), m.get("key_id"), m.get("reply_topic")
+    return (
+        rid if type(rid) is str and 0 < len(rid) <= 128 else None,
+        kid if type(kid) is str and 0 < len(kid) <= 128 else None,
+        topic if type(topic) is str and _TOPIC.match(topic) else None,
+    )
+
+
+def decode_envelope(raw: bytes) -> SignRequest:
+    """What a host reads of a SignRequest: every field checked but the payload's shape for its
+    scheme (the enclave checks that, and parses it, anyway); `parsed` is None."""
+    return sign_request_from_map(unpack_map(raw, MAX_REQUEST_BYTES), check_payload=False)
+
+
+def sign_request_from_map(m: dict[str, Any], check_payload: bool = True) -> SignRequest:
     rid_raw = m.get("request_id")
     rid = rid_raw if type(rid_raw) is str and 0 < len(rid_raw) <= 128 else None
     v = as_int(require(m, "v", rid), "v", rid)
@@ -97,7 +118,7 @@ def sign_request_from_map(m: dict[str, Any]) -> SignRequest:
     if scheme not in SCHEMES:
         raise SchemaError(Code.UNKNOWN_SCHEME, f"scheme '{scheme[:40]}' is not one of {SCHEMES}", rid)
     payload = require(m, "payload", rid)
-    parsed = validate_payload(scheme, payload, rid)
+    parsed = validate_payload(scheme, payload, rid) if check_payload else None
     deadline = m.get("deadline_ms")
     if deadline is not None:
         deadline = as_int(deadline, "deadline_ms", rid)

@@ -1,16 +1,21 @@
 """What each fetched record becomes: its outputs.
 
 Every record yields at least one output - a result, a DLQ record or an admin reply - and a
-request refused as `poison_request` yields two (its result and a DLQ record with its original
+refused request that can be named yields two (its result and a DLQ record with its original
 bytes); a record is done when all its outputs are acknowledged (signer/commits.py).
 
 - `sign.admin` records are split off for the admin lane (signer/admin.py), which handles them
   on a task of their own.
-- `sign.requests` records are decoded strictly, with the decoder the enclave uses: undecodable
-  or invalid input goes to the DLQ with its original bytes and a reason; a request past its
-  deadline is answered `expired`; the rest is sign work.
+- `sign.requests` records are read as far as the host needs them (`decode_envelope`: every
+  field checked but the payload's shape for its scheme, which the enclave checks and parses
+  anyway): undecodable or invalid input goes to the DLQ with its original bytes and a reason,
+  and, when its `request_id` can be read, is also answered with a refusal (on its `reply_topic`
+  if that can be read, else `sign.results`), so a caller waiting for its result hears of it;
+  a request past its deadline is answered `expired`; the rest is sign work.
 - Sign work is checked against its deadline again right before dispatch (a batch may have
-  waited), signed through the enclave backend, and each result becomes an output.
+  waited), signed through the enclave backend, and each result becomes an output; a refusal
+  whose code belongs in the DLQ too (an invalid payload the enclave found, a poison request) is
+  also kept there with the request's original bytes.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from aiokafka import ConsumerRecord, TopicPartition
 from broker.topics import TopicLayout
 from schemas.dlq import DlqRecord
 from schemas.errors import SchemaError
-from schemas.refusals import Code
-from schemas.sign_request import SignRequest, decode_sign_request
+from schemas.refusals import Code, Surface
+from schemas.sign_request import SignRequest, decode_envelope, readable_ids
 from schemas.sign_result import SignResult
 
 from .backend import EnclaveBackend
@@ -83,9 +88,9 @@ class Intake:
         for records in batch.values():
             for rec in records:
                 try:
-                    req = decode_sign_request(rec.value)
+                    req = decode_envelope(rec.value)
                 except SchemaError as exc:
-                    outputs.append(self.dlq(rec, exc))
+                    outputs += self.refused_at_intake(rec, exc)
                     continue
                 waits.append(max(0, now_ms - rec.timestamp) / 1000)
                 if req.deadline_ms is not None and req.deadline_ms <= now_ms:
@@ -126,8 +131,9 @@ class Intake:
             if timings is None:
                 res["timings_us"] = {"kafka_wait": max(0, now_ms - rec.timestamp) * 1000}
             outputs.append(self.result(req, rec, res))
-            if (res.get("error") or {}).get("code") == Code.POISON_REQUEST:
-                outputs.append(self.poison_dlq(req, rec, res))
+            code = (res.get("error") or {}).get("code")
+            if code in _DLQ_TOO:  # an invalid payload the enclave found, a poison request: kept in the DLQ too
+                outputs.append(self.refusal_dlq(req, rec, res, _DLQ_TOO[code]))
         for scheme, n in signed.items():
             self.metrics.requests.labels(scheme, "ok").inc(n)
         return outputs
@@ -146,6 +152,7 @@ class Intake:
         return Output(topic, req.request_id.encode(), value, TopicPartition(rec.topic, rec.partition), rec.offset)
 
     def dlq(self, rec: Record, exc: SchemaError) -> Output:
+        """Invalid input's DLQ record, with its original bytes and the reason."""
         self.metrics.dlq.labels(exc.code.value).inc()
         log.info("dlq", reason=exc.code.value, topic=rec.topic, partition=rec.partition, offset=rec.offset,
                  request_id=exc.request_id)  # fmt: skip
@@ -153,9 +160,22 @@ class Intake:
                            rec.key, exc.request_id)  # fmt: skip
         return Output(self.layout.dlq, rec.key, record.encode(), TopicPartition(rec.topic, rec.partition), rec.offset)
 
-    def poison_dlq(self, req: SignRequest, rec: Record, result: dict[str, Any]) -> Output:
-        """A request refused as poison is also kept in the DLQ, with its original bytes, for inspection."""
-        reason = Code.POISON_REQUEST
+    def refused_at_intake(self, rec: Record, exc: SchemaError) -> list[Output]:
+        """Invalid input: a DLQ record; and when it names its request, a refusal where its caller waits."""
+        outputs = [self.dlq(rec, exc)]
+        source = outputs[0].source
+        if exc.request_id:
+            _, key_id, reply_topic = readable_ids(rec.value)
+            result = SignResult.refused(exc.request_id, key_id or "", exc).to_wire()
+            value = msgpack.packb(result, use_bin_type=True)
+            outputs.append(
+                Output(reply_topic or self.layout.results, exc.request_id.encode(), value, source, rec.offset)
+            )
+        return outputs
+
+    def refusal_dlq(self, req: SignRequest, rec: Record, result: dict[str, Any], reason: Code) -> Output:
+        """A request the enclave refused for what it is (an invalid payload, a poison request) is also
+        kept in the DLQ, with its original bytes, for inspection."""
         self.metrics.dlq.labels(reason.value).inc()
         log.warning("dlq", reason=reason.value, topic=rec.topic, partition=rec.partition, offset=rec.offset,
                     request_id=req.request_id)  # fmt: skip
@@ -163,6 +183,10 @@ class Intake:
         record = DlqRecord(reason, message, rec.topic, rec.partition, rec.offset, rec.value, rec.key,
                            req.request_id)  # fmt: skip
         return Output(self.layout.dlq, rec.key, record.encode(), TopicPartition(rec.topic, rec.partition), rec.offset)
+
+
+# result codes that also put the request in the DLQ: those of the catalogue's DLQ surface
+_DLQ_TOO = {code.value: code for code in Code if Surface.DLQ in code.surfaces and Surface.RESULT in code.surfaces}
 
 
 def _expired(req: SignRequest, where: str) -> dict[str, Any]:

@@ -43,11 +43,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 import structlog
 
 from schemas import frames
 from schemas.refusals import Code
+from schemas.sign_request import readable_ids
 from schemas.sign_result import SignResult
 from schemas.transport import parse_channel_url
 
@@ -434,14 +434,8 @@ class EnclavePool:
 
 def _ids_of(raw: bytes) -> tuple[str, str]:
     """The request id and key id of an encoded SignRequest, as far as they can be read."""
-    try:
-        m = msgpack.unpackb(raw, raw=False)
-    except Exception:
-        return "", ""
-    if not isinstance(m, dict):
-        return "", ""
-    rid, kid = m.get("request_id"), m.get("key_id")
-    return (rid if isinstance(rid, str) else "", kid if isinstance(kid, str) else "")
+    request_id, key_id, _ = readable_ids(raw)
+    return request_id or "", key_id or ""
 
 
 def _score(key_id: str, url: str) -> int:

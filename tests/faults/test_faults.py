@@ -201,7 +201,8 @@ async def send_hostile(bootstrap: str, topic: str, partitions: int, values: list
 
 def check_hostile(hostile: list[Hostile], col: Collector) -> tuple[int, int, int]:
     """Every hostile record in the DLQ with its original bytes, or refused with a code under the id
-    it names; every DLQ record is one of them. -> (refused with a result, results, lost)."""
+    it names (and, when refused for what it is rather than for its key or auth, in the DLQ as well);
+    every DLQ record is one of them. -> (refused with a result, results, lost)."""
     originals = Counter(bytes(d["original"]) for d in col.dlq if d.get("original") is not None)
     refused = results = lost = 0
     for h in hostile:
@@ -212,6 +213,8 @@ def check_hostile(hostile: list[Hostile], col: Collector) -> tuple[int, int, int
             assert res["status"] != "ok" and (res.get("error") or {}).get("code"), (h.rid, res)
             refused += 1
             results += len(got)
+            if originals[h.raw] > 0:  # refused for what it is (not for its key or auth): in the DLQ too
+                originals[h.raw] -= 1
         elif originals[h.raw] > 0:
             originals[h.raw] -= 1
         else:

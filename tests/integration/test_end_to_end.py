@@ -182,7 +182,8 @@ async def test_requests_from_a_plain_msgpack_producer_are_signed_and_verified(cl
     values += [(b"junk", g) for g in garbage]
     await _produce(c.bootstrap, c.layout.requests, values)
 
-    want = set(requests) | set(refused)
+    # invalid input that names its request is answered too (and kept in the DLQ): its caller hears of it
+    want = set(requests) | set(refused) | {"e2e-bad-scheme"}
     results = await _collect(c.bootstrap, [c.layout.results, reply_topic], want, "request_id")
     dlq = await _collect(c.bootstrap, [c.layout.dlq], {"malformed", "unknown_scheme"}, "reason")
 
@@ -240,6 +241,8 @@ async def test_requests_from_a_plain_msgpack_producer_are_signed_and_verified(cl
     assert results["e2e-expired"][0]["error"]["code"] == "deadline_passed"
     assert "signature" not in results["e2e-expired"][0]
     assert results["e2e-unknown-key"][0]["error"]["code"] == "unknown_key"
+    bad_scheme = results["e2e-bad-scheme"][0]
+    assert (bad_scheme["status"], bad_scheme["error"]["code"], bad_scheme["key_id"]) == ("error", "unknown_scheme", "k")
 
     # undecodable input went to the DLQ with its original bytes and a reason
     bad = DlqRecord.decode(msgpack.packb({k: v for k, v in dlq["malformed"][0].items() if not k.startswith("_")}))
