@@ -113,7 +113,7 @@ class Intake:
                 live.append((req, rec))
         t0 = time.perf_counter()
         if fetched_at is not None:  # from fetch to the pool: decoding, and waiting behind earlier batches
-            self.metrics.stage.observe_many("host_queue", [t0 - fetched_at] * len(live))
+            self.metrics.stage.observe_n("host_queue", t0 - fetched_at, len(live))
         results = await self.backend.sign_many([(req.key_id, rec.value) for req, rec in live])
         self.metrics.stage.observe("enclave_round_trip", time.perf_counter() - t0)
         signed: Counter[str] = Counter()  # scheme -> requests signed `ok` (refusals are counted one by one)

@@ -57,6 +57,13 @@ class StageHistogram(Collector):
         s.counts[bisect_left(self.bounds, seconds)] += 1
         s.total += seconds
 
+    def observe_n(self, value: str | tuple[str, ...], seconds: float, n: int) -> None:
+        """The same observation n times (e.g. one wait shared by a whole batch)."""
+        if n > 0:
+            s = self.series(*((value,) if isinstance(value, str) else value))
+            s.counts[bisect_left(self.bounds, seconds)] += n
+            s.total += seconds * n
+
     def observe_many(self, value: str | tuple[str, ...], seconds: Iterable[float]) -> None:
         s = self.series(*((value,) if isinstance(value, str) else value))
         counts, bounds = s.counts, self.bounds

@@ -99,6 +99,7 @@ class EnclavePool:
         self._connect_listeners: list[ConnectListener] = []
         self._live_urls: list[str] = []
         self._affinity: dict[str, str] = {}  # key_id -> rendezvous choice among _live_urls
+        self._spilled = 0  # requests spilled since the metric was last updated
         self.backlog: deque[Pending] = deque()  # accepted while no connection was live
         self.suspects: deque[Pending] = deque()  # in flight on a lost connection: to be re-sent alone
         # enclave URL -> (connection, suspect) it is sending alone, or None while its earlier work drains
@@ -206,6 +207,9 @@ class EnclavePool:
             self._live_urls = live_urls
             self._affinity.clear()  # the set of enclaves changed: hash again
         self.metrics.enclaves_connected.set(len(live_urls))
+        if self._spilled:
+            self.metrics.spilled.inc(self._spilled)
+            self._spilled = 0
 
     # -- work ----------------------------------------------------------------------------
 
@@ -261,12 +265,15 @@ class EnclavePool:
         if load >= self.settings.spill_after and len(self._live_urls) > 1:
             # the affine enclave is busy (one hot keyring is more than one enclave core can sign): spill to
             # a less loaded enclave; it unwraps the keyring once and keeps it
-            spill = min(
-                (c for c in self.live() if c.url != url and c.url not in self._isolating),
-                key=lambda c: c.load - c.credits, default=None,
-            )  # fmt: skip
-            if spill is not None and spill.load - spill.credits < best.load - best.credits:
-                self.metrics.spilled.inc()
+            spill, least = None, best.load - best.credits
+            for other in self._live_urls:
+                if other == url or other in self._isolating:
+                    continue
+                for c in self.groups[other]:
+                    if c.connected and c.load - c.credits < least:
+                        spill, least = c, c.load - c.credits
+            if spill is not None:
+                self._spilled += 1  # counted into the metric once per batch (_refresh_gauges)
                 best = spill
         best.enqueue(p)
 
