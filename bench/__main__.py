@@ -67,11 +67,14 @@ async def end_to_end(n: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
-    commands = ["report", "profile", "e2e", "channel", "vault", "schemes"]
+    commands = ["report", "profile", "soak", "e2e", "channel", "vault", "schemes"]
     ap.add_argument("what", nargs="?", choices=commands, default="report")
     ap.add_argument("--out", type=Path, default=Path("artifacts/bench"), help="report directory (report)")
     ap.add_argument("--smoke", action="store_true", help="a tiny configuration that checks the harness (report)")
     ap.add_argument("--flamegraphs", action="store_true", help="py-spy flame graphs (profile)")
+    ap.add_argument("--minutes", type=float, default=10.0, help="open-loop minutes (soak)")
+    ap.add_argument("--fault-every", type=float, default=180.0,
+                    help="seconds between faults, fewer on a short run; 0: no faults (soak)")  # fmt: skip
     ap.add_argument("-n", type=int, default=20000)
     args = ap.parse_args()
     configure_logging("bench", os.environ.get("SIGNER_LOG_LEVEL", "WARNING"))
@@ -89,6 +92,13 @@ def main() -> None:
         total = args.n if args.n != 20000 else 30_000
         asyncio.run(run_profile(out, total=total, flamegraphs=args.flamegraphs))
         print((out / "profile.md").read_text())
+        return
+    if args.what == "soak":
+        from .soak import run_soak
+
+        out = args.out if args.out != Path("artifacts/bench") else Path("artifacts/soak")
+        asyncio.run(run_soak(out, args.minutes, args.fault_every))
+        print((out / "soak.md").read_text())
         return
     if args.what == "schemes":
         from .schemes import run_scheme_bench
