@@ -95,6 +95,7 @@ class AtLeastOnce(RunMode):
             helpers = [
                 tg.create_task(lag_loop(self.consumer, self.metrics, self.commits.tracker.committed), name="lag-loop"),
                 tg.create_task(self.admin.run(self._deliver_admin), name="admin-lane"),
+                tg.create_task(self.intake.backend.pool.watch(), name="pool-watch"),  # a failed pool fails the host
             ]
             while not stopping.is_set():
                 batch = await self.fetch()
@@ -157,6 +158,7 @@ class ExactlyOnce(RunMode):
             helpers = [
                 tg.create_task(lag_loop(self.consumer, self.metrics, lambda tp: None), name="lag-loop"),
                 tg.create_task(self.admin.run(self._deliver_admin), name="admin-lane"),
+                tg.create_task(self.intake.backend.pool.watch(), name="pool-watch"),  # a failed pool fails the host
             ]
             while not stopping.is_set():
                 batch = await self.fetch()

@@ -134,7 +134,7 @@ class EnclavePool:
             conn.closing = True
         if self._runner is not None:
             self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(BaseException):  # a runner that failed has said so (enclave_pool_failed)
                 await self._runner
         for conn in self.connections:
             await conn.close()
@@ -145,9 +145,24 @@ class EnclavePool:
             p.batch.fail(ChannelClosed("enclave pool closed"))
 
     async def _run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            for conn in self.connections:
-                tg.create_task(self._supervise(conn), name=f"supervise {conn.name}")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for conn in self.connections:
+                    tg.create_task(self._supervise(conn), name=f"supervise {conn.name}")
+        except BaseException as exc:
+            if not self._closing:  # a bug: every connection is down now, and nothing would bring them back
+                log.error("enclave_pool_failed", error=repr(exc), exc_info=exc)
+            raise
+
+    async def watch(self) -> None:
+        """Return never while the pool runs; raise if it stopped without being closed (a bug): the
+        host must then fail (its uncommitted records go to the next owner), not wait forever."""
+        runner = self._runner
+        assert runner is not None, "start() first"
+        await asyncio.wait([runner])  # never raises; returns once the runner has ended
+        if not self._closing:
+            failure = None if runner.cancelled() else runner.exception()
+            raise RuntimeError(f"the enclave pool stopped: {failure!r}") from failure
 
     async def _supervise(self, conn: EnclaveConnection) -> None:
         s = self.settings

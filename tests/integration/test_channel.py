@@ -294,3 +294,22 @@ async def test_one_hot_keyring_is_signed_by_more_than_one_enclave(sock_dir: Path
             assert metrics.spilled._value.get() == counts[0]
         finally:
             await pool.close()
+
+
+async def test_a_pool_that_fails_fails_its_watcher_instead_of_leaving_the_host_waiting(sock_dir: Path) -> None:
+    # a bug in the pool's own bookkeeping (here: bringing a connection up raises) ends the task that keeps
+    # every connection alive; the host's watcher must raise rather than let requests wait forever
+    async with ScriptedEnclave(sock_dir / "e.sock", credits=10) as enclave:
+        pool = EnclavePool([enclave.url], PoolSettings(connections_per_enclave=1), HostMetrics())
+
+        def broken() -> None:
+            raise ValueError("a bug in the pool")
+
+        pool._on_up = broken  # type: ignore[method-assign]
+        await pool.start()
+        try:
+            with pytest.raises(RuntimeError, match="enclave pool stopped"):
+                async with asyncio.timeout(10):
+                    await pool.watch()
+        finally:
+            await pool.close()

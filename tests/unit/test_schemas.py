@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgpack
 import pytest
 from hypothesis import given, settings
@@ -149,3 +151,32 @@ def test_result_and_dlq_round_trip() -> None:
     assert decode_sign_result(res.encode()) == res
     d = DlqRecord("malformed", "bad", "sign.requests", 3, 42, b"\xc1", b"k", None)
     assert DlqRecord.decode(d.encode()) == d
+
+
+def test_the_inline_fast_path_decides_exactly_as_the_field_by_field_checks() -> None:
+    """sign_request_from_map checks the common valid case inline and leaves everything else to the
+    field-by-field path: for any map, both give the same request or the same refusal code."""
+    from schemas.sign_request import _sign_request_checked, sign_request_from_map
+
+    value = st.one_of(
+        st.none(), st.booleans(), st.integers(-2, 2**65), st.floats(allow_nan=False), st.text(max_size=5),
+        st.text(min_size=120, max_size=140), st.binary(max_size=40), st.just(b"\x01" * 32), st.just(1),
+        st.sampled_from(["secp256k1_digest", "eth_personal", "ed25519", "eth_tx", "eth_typed_data", "rsa"]),
+        st.just({}), st.just([1]), st.just("sign.replies"), st.just("bad topic!"),
+    )  # fmt: skip
+    fields = ["v", "request_id", "key_id", "scheme", "payload", "deadline_ms", "reply_topic", "auth", "extra"]
+
+    def outcome(fn: Any, m: dict[str, Any]) -> Any:
+        try:
+            return ("ok", fn(m))
+        except SchemaError as exc:
+            return ("refused", exc.code, exc.request_id)
+
+    @settings(max_examples=3000, deadline=None)
+    @given(st.dictionaries(st.sampled_from(fields), value), st.booleans())
+    def check(m: dict[str, Any], check_payload: bool) -> None:
+        fast = outcome(lambda x: sign_request_from_map(x, check_payload), m)
+        slow = outcome(lambda x: _sign_request_checked(x, check_payload), m)
+        assert fast == slow, (m, fast, slow)
+
+    check()
