@@ -224,6 +224,10 @@ class EnclaveConnection:
             reason, cause = f"transport error: {group.exceptions[0]!r}", "error"
         except* frames.FrameError as group:
             reason, cause = f"bad frame from enclave: {group.exceptions[0]}", "error"
+        except* Exception as group:  # a bug on this side: said with its traceback, and it fails the pool
+            reason, cause = f"internal error: {group.exceptions[0]!r}", "error"
+            log.error("channel_internal_error", channel=self.name, error=reason, exc_info=group.exceptions[0])
+            raise
         finally:
             self._drop(reason, cause)
         return reason
