@@ -46,10 +46,17 @@ class SignResult:
             "key_id": self.key_id,
             "status": self.status,
         }
-        for name in ("signature", "raw_tx", "tx_hash", "error", "enclave_id"):
-            value = getattr(self, name)
-            if value is not None:
-                m[name] = value
+        # spelled out rather than a loop over names: built once per request, in the enclave
+        if self.signature is not None:
+            m["signature"] = self.signature
+        if self.raw_tx is not None:
+            m["raw_tx"] = self.raw_tx
+        if self.tx_hash is not None:
+            m["tx_hash"] = self.tx_hash
+        if self.error is not None:
+            m["error"] = self.error
+        if self.enclave_id is not None:
+            m["enclave_id"] = self.enclave_id
         if self.timings_us:
             m["timings_us"] = self.timings_us
         return m
