@@ -14,6 +14,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import msgpack
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -65,6 +66,15 @@ async def end_to_end(n: int) -> dict[str, float]:
     return {"requests": n, "seconds": elapsed, "produce_seconds": t_produced, "per_second": n / elapsed}
 
 
+def _run(coro: Any) -> Any:
+    """uvloop when it is installed (the load generator must not be the limit), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
     commands = ["report", "profile", "soak", "e2e", "channel", "vault", "schemes"]
@@ -72,6 +82,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("artifacts/bench"), help="report directory (report)")
     ap.add_argument("--smoke", action="store_true", help="a tiny configuration that checks the harness (report)")
     ap.add_argument("--flamegraphs", action="store_true", help="py-spy flame graphs (profile)")
+    ap.add_argument("--host-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="a host setting for the run (profile; repeatable)")  # fmt: skip
     ap.add_argument("--minutes", type=float, default=10.0, help="open-loop minutes (soak)")
     ap.add_argument("--fault-every", type=float, default=180.0,
                     help="seconds between faults, fewer on a short run; 0: no faults (soak)")  # fmt: skip
@@ -81,7 +93,7 @@ def main() -> None:
     if args.what == "report":
         from .harness import SMOKE, Profile, run_report
 
-        report = asyncio.run(run_report(args.out, SMOKE if args.smoke else Profile()))
+        report = _run(run_report(args.out, SMOKE if args.smoke else Profile()))
         print((args.out / "report.md").read_text())
         print(json.dumps({k: report[k] for k in ("max_per_second", "efficiency", "speedup_over_reference")}))
         return
@@ -90,14 +102,15 @@ def main() -> None:
 
         out = args.out if args.out != Path("artifacts/bench") else Path("artifacts/profile")
         total = args.n if args.n != 20000 else 30_000
-        asyncio.run(run_profile(out, total=total, flamegraphs=args.flamegraphs))
+        host_env = dict(item.split("=", 1) for item in args.host_env)
+        _run(run_profile(out, total=total, flamegraphs=args.flamegraphs, host_env=host_env or None))
         print((out / "profile.md").read_text())
         return
     if args.what == "soak":
         from .soak import run_soak
 
         out = args.out if args.out != Path("artifacts/bench") else Path("artifacts/soak")
-        asyncio.run(run_soak(out, args.minutes, args.fault_every))
+        _run(run_soak(out, args.minutes, args.fault_every))
         print((out / "soak.md").read_text())
         return
     if args.what == "schemes":
@@ -108,15 +121,15 @@ def main() -> None:
     if args.what == "vault":
         from .vault import run_vault_bench
 
-        print(json.dumps(asyncio.run(run_vault_bench(signatures=args.n)), indent=2))
+        print(json.dumps(_run(run_vault_bench(signatures=args.n)), indent=2))
         return
     if args.what == "channel":
         from .channel import run_channel_bench
 
-        print(json.dumps(asyncio.run(run_channel_bench(args.n)), indent=2))
+        print(json.dumps(_run(run_channel_bench(args.n)), indent=2))
         return
     raw = raw_sign_rate()
-    e2e = asyncio.run(end_to_end(args.n))
+    e2e = _run(end_to_end(args.n))
     report = {"raw_sign_per_second_one_core": round(raw), **{k: round(v, 3) for k, v in e2e.items()}}
     report["efficiency_vs_one_core"] = round(e2e["per_second"] / raw, 3)
     print(json.dumps(report, indent=2))

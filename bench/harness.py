@@ -47,6 +47,7 @@ from signer.topology import Enclave, Enclaves, HostProcess, Topology
 from .ceiling import raw_sign_rate
 from .reference import reference_rate
 
+ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("kafka_wait", "host_queue", "credit_wait", "channel_transfer", "enclave_service", "result_publish")
 CLK = os.sysconf("SC_CLK_TCK")
 
@@ -263,9 +264,13 @@ MakeRequest = Callable[[int, list[dict[str, Any]], random.Random], tuple[bytes, 
 
 async def drive(
     stack: Stack, host: HostProcess, name: str, total: int, *, outstanding: int | None = None,
-    rate: float | None = None, make: MakeRequest = make_request, linger_ms: int = 2,
+    rate: float | None = None, make: MakeRequest = make_request, linger_ms: int = 2, separate: bool = False,
 ) -> RunResult:  # fmt: skip
-    """Closed loop (`outstanding` in flight) or open loop (`rate` per second): every request id is matched."""
+    """Closed loop (`outstanding` in flight) or open loop (`rate` per second): every request id is matched.
+    With `separate` (open loop only), requests are produced by a process of their own (bench/loadgen.py)
+    and this one only receives; the load generator's CPU is both processes'."""
+    if separate and rate is not None:
+        return await _drive_separate(stack, host, name, total, rate, make, linger_ms)
     res = RunResult(name)
     rnd = random.Random(7)
     bootstrap = stack.bootstrap
@@ -340,6 +345,82 @@ async def drive(
     res.broker_cpu_us = (other1[0] - other0[0]) / res.requests * 1e6
     res.loadgen_cpu_us = (other1[1] - other0[1]) / res.requests * 1e6
     res.host_rss_kb = rss_kb(host_pid)
+    m1 = stage_sums(await metrics_text(host.port))
+    res.stages = {s: (m1[s][0] - m0[s][0]) / max(1.0, m1[s][1] - m0[s][1]) for s in STAGES}
+    res.kms_per_1000 = (await kms_calls(stack.kms_url) - k0) * 1000 / res.requests
+    return res
+
+
+async def _drive_separate(
+    stack: Stack, host: HostProcess, name: str, total: int, rate: float, make: MakeRequest, linger_ms: int
+) -> RunResult:
+    res = RunResult(name)
+    layout = host.config.layout
+    consumer = AIOKafkaConsumer(bootstrap_servers=stack.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    tps = [TopicPartition(layout.results, p) for p in range(layout.result_partitions)]
+    consumer.assign(tps)
+    await consumer.seek_to_end(*tps)
+    for tp in tps:
+        await consumer.position(tp)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.loadgen", "--bootstrap", stack.bootstrap, "--topic", layout.requests,
+        "--rate", str(rate), "-n", str(total), "--make", f"{make.__module__}:{make.__name__}",
+        "--linger-ms", str(linger_ms), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(json.dumps(stack.keys).encode() + b"\n")
+        await proc.stdin.drain()
+        async with asyncio.timeout(60):
+            line = await proc.stdout.readline()
+        if line.strip() != b"READY":
+            raise RuntimeError(f"bench.loadgen did not start: {line!r}")
+        pids = [e.process.pid for e in stack.enclaves if e.process.running]
+        broker_pid = stack.topology.kafka.pid if stack.topology.kafka is not None else None
+        cpu0 = (cpu_seconds(host.process.pid), sum(cpu_seconds(p) for p in pids))
+        other0 = (cpu_seconds(broker_pid) if broker_pid else 0.0, time.process_time())
+        m0 = stage_sums(await metrics_text(host.port))
+        k0 = await kms_calls(stack.kms_url)
+        t0 = time.time() + 0.05
+        proc.stdin.write(f"{t0!r}\n".encode())
+        await proc.stdin.drain()
+        seen: set[int] = set()
+        async with asyncio.timeout(300):
+            while len(seen) < total:
+                for recs in (await consumer.getmany(timeout_ms=200)).values():
+                    now = time.time()
+                    for rec in recs:
+                        m = msgpack.unpackb(rec.value, raw=False)
+                        rid = m.get("request_id")
+                        if not (isinstance(rid, str) and rid.startswith("r") and rid[1:].isdigit()):
+                            continue
+                        i = int(rid[1:])
+                        if i >= total or i in seen:
+                            continue
+                        seen.add(i)
+                        intended = t0 + i / rate  # latency from the intended send time
+                        res.latency_us.record_value(max(1, int((now - intended) * 1e6)))
+                        res.timeline.append(now - t0)
+                        res.statuses[m.get("status")] = res.statuses.get(m.get("status"), 0) + 1
+            line = await proc.stdout.readline()
+        res.seconds = time.time() - t0
+        child_cpu = float(line.split()[1]) if line.startswith(b"DONE") else 0.0
+        await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await consumer.stop()
+    res.requests = len(res.timeline)
+    cpu1 = (cpu_seconds(host.process.pid), sum(cpu_seconds(p) for p in pids))
+    other1 = (cpu_seconds(broker_pid) if broker_pid else 0.0, time.process_time())
+    res.host_cpu_us = (cpu1[0] - cpu0[0]) / res.requests * 1e6
+    res.enclave_cpu_us = (cpu1[1] - cpu0[1]) / res.requests * 1e6
+    res.broker_cpu_us = (other1[0] - other0[0]) / res.requests * 1e6
+    res.loadgen_cpu_us = (other1[1] - other0[1] + child_cpu) / res.requests * 1e6
+    res.host_rss_kb = rss_kb(host.process.pid)
     m1 = stage_sums(await metrics_text(host.port))
     res.stages = {s: (m1[s][0] - m0[s][0]) / max(1.0, m1[s][1] - m0[s][1]) for s in STAGES}
     res.kms_per_1000 = (await kms_calls(stack.kms_url) - k0) * 1000 / res.requests

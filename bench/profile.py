@@ -8,7 +8,8 @@ figure compares with coincurve's raw `sign_recoverable`, measured in the same ru
 - closed loop (4,000 outstanding): the maximum, and CPU per request of the host, the enclaves,
   the Kafka broker and this load generator (utime+stime from /proc);
 - open loop at 200/s (the latency floor), at 50% and at 80% of the maximum: p50/p99 from the
-  intended send time (coordinated-omission-safe);
+  intended send time (coordinated-omission-safe), requests produced by a process of their own
+  (bench/loadgen.py) so that sending never delays receiving;
 - with `--flamegraphs`: py-spy flame graphs (SVG) of the host and of the busier enclave under
   a second closed loop (py-spy slows what it samples, so no figure is taken from that run).
 
@@ -64,7 +65,7 @@ async def run_profile(out: Path, total: int = 30_000, open_seconds: float = 10.0
                            ("open loop 80%", closed.per_second * 0.8)):  # fmt: skip
             n = max(50, int(rate * open_seconds))
             runs.append(await drive(stack, host, f"{name} ({rate:.0f}/s)", n, rate=rate, make=digest_request,
-                                    linger_ms=0))  # fmt: skip
+                                    linger_ms=0, separate=True))  # fmt: skip
         if flamegraphs:
             report["flamegraphs"] = await _flamegraphs(stack, host.process.pid, out, total)
         await host.process.astop()
