@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="Kafka nodes to start, each a broker and controller (default 1); topics get min(3, N) "
                          "replicas, min.insync.replicas=2 with three")  # fmt: skip
     sub.add_parser("host", help="run one host worker (KAFKA_BOOTSTRAP, SIGNER_ENCLAVES)")
+    sub.add_parser("gateway", help="run the HTTP gateway: native API and Web3Signer-compatible eth1 JSON-RPC "
+                   "(KAFKA_BOOTSTRAP, SIGNER_GATEWAY_*)")  # fmt: skip
     dk = sub.add_parser("dev-enclave", help="dev KMS: write a dev enclave configuration, operator key and a keyring "
                         "KMS key bound to the measurement of this code and that configuration")  # fmt: skip
     dk.add_argument("--kms-endpoint", default=os.environ.get("SIGNER_KMS_ENDPOINT", "http://127.0.0.1:8000"))
@@ -67,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "up" and args.brokers < 1:
         ap.error("--brokers must be at least 1")
 
-    configure_logging("signer", os.environ.get("SIGNER_LOG_LEVEL", "WARNING" if args.cmd != "host" else "INFO"))
+    configure_logging(
+        "signer", os.environ.get("SIGNER_LOG_LEVEL", "WARNING" if args.cmd not in ("host", "gateway") else "INFO")
+    )
     try:
         if args.cmd == "demo":
             from .demo import run_demo
@@ -77,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run(_up(args.brokers))
         if args.cmd == "host":
             return _run(_host())
+        if args.cmd == "gateway":
+            from .gateway import run_gateway
+
+            return _run(run_gateway())
         if args.cmd == "dev-enclave":
             return _run(_dev_enclave(args))
         return _run(_keys(args, *_operator_inputs(args)))

@@ -336,6 +336,7 @@ class Topology:
         self.enclaves: dict[str, Enclave] = {}
         self.hosts: dict[str, HostProcess] = {}
         self.local_hosts: list[LocalHost] = []
+        self.gateways: dict[str, ChildProcess] = {}
         self.backends: list[EnclaveBackend] = []
         self._sock_dir = sock_dir
         self._own_sock_dir = sock_dir is None
@@ -509,6 +510,22 @@ class Topology:
         await backend.start(ready_timeout=ready_timeout)
         return backend
 
+    async def start_gateway(
+        self, name: str = "gateway", *, settings: Mapping[str, str] | None = None, timeout: float = 120.0
+    ) -> ChildProcess:
+        """A `python -m signer gateway` process on this topology's Kafka, topics and key store (read for
+        the public key directory); ready when it prints `READY http://HOST:PORT` (its reply topic is
+        created and read). SIGNER_GATEWAY_* come from `settings`; its port is any free one unless set."""
+        config = self.host_config()
+        await self.create_topics(config.bootstrap, config.layout)
+        env = {k: v for k, v in config.to_env().items() if k.startswith(("KAFKA_", "SIGNER_TOPIC_", "SIGNER_KEYSTORE"))}
+        env = {"SIGNER_GATEWAY_PORT": "0", **env, **self.host_settings, **(settings or {})}
+        proc = ChildProcess("signer", ["gateway"], self._child_env(env), log=self._log(name), name=name)
+        self.gateways[name] = proc
+        proc.spawn()
+        await proc.ready(timeout)
+        return proc
+
     def operator(self, layout: TopicLayout | None = None) -> AdminSession:
         """The dev operator reaching the cluster through Kafka, as `signer keys` does: it signs each
         operation and verifies each receipt."""
@@ -530,6 +547,8 @@ class Topology:
             return self.hosts[name].process
         if name in self.enclaves:
             return self.enclaves[name].process
+        if name in self.gateways:
+            return self.gateways[name]
         if name == "devkms" and self.kms is not None:
             return self.kms
         raise KeyError(name)
@@ -541,6 +560,7 @@ class Topology:
         the dev KMS, Kafka. With kill, host and enclave processes get SIGKILL instead of SIGTERM."""
         sig = signal.SIGKILL if kill else signal.SIGTERM
         try:
+            await _stop_all(list(self.gateways.values()), sig)  # callers get their answers or errors first
             for local in self.local_hosts:
                 with _logged("local host"):
                     await local.stop()
