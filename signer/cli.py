@@ -138,6 +138,8 @@ async def _up(brokers: int = 1) -> int:
     data_dir = Path(os.environ.get("SIGNER_DATA_DIR") or Path.home() / ".local/share/enclave-signer")
     async with LocalCluster(data_dir=data_dir, brokers=brokers) as cluster:
         print(f"KAFKA_BOOTSTRAP={cluster.bootstrap}", flush=True)
+        print(f"GATEWAY_URL={cluster.gateway_url}", flush=True)
+        print(f"GATEWAY_TOKEN={cluster.gateway_token}", flush=True)
         print(f"data (dev KMS keys, wrapped keyrings): {data_dir}", flush=True)
         print(f"metrics: http://127.0.0.1:{cluster.http_port}/metrics  (Ctrl-C to stop)", flush=True)
         assert cluster.dev is not None

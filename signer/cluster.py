@@ -100,6 +100,8 @@ class LocalCluster:
         self._partitions = partitions
         self._lock = DataDirLock(self.data_dir)
         self._local: LocalHost | None = None
+        self.gateway_url = ""
+        self.gateway_token = ""
 
     @property
     def bootstrap(self) -> str:
@@ -158,6 +160,27 @@ class LocalCluster:
         self._local = await topo.start_local_host(cfg, http_socket)
         self.http_port = self._local.port
         await self._serving(cfg)
+        await self._start_gateway()
+
+    async def _start_gateway(self) -> None:
+        """One HTTP gateway (a `signer gateway` process) with a dev client whose bearer token is kept
+        in DATA_DIR/gateway-token (created once, mode 0600)."""
+        import hashlib
+        import secrets
+
+        token_path = self.data_dir / "gateway-token"
+        if not token_path.exists():
+            fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+        self.gateway_token = token_path.read_text().strip()
+        clients = self.data_dir / "gateway-clients.json"
+        digest = hashlib.sha256(self.gateway_token.encode()).hexdigest()
+        clients.write_text(json.dumps({"dev": {"token_sha256": digest}}))
+        settings = {"SIGNER_GATEWAY_CLIENTS": str(clients), "SIGNER_GATEWAY_METRICS_PUBLIC": "true",
+                    "SIGNER_GATEWAY_PORT": os.environ.get("SIGNER_GATEWAY_PORT", "0")}  # fmt: skip
+        gateway = await self.topology.start_gateway(settings=settings)
+        self.gateway_url = gateway.address
 
     async def _start_kafka(self) -> float:
         """Kafka in the work directory: the topology's single node, or a LocalKafkaCluster of `brokers`

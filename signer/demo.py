@@ -89,6 +89,7 @@ async def run_demo(n: int = 200) -> int:
     async with LocalCluster(data_dir=Path(data) if data else None) as cluster:
         bootstrap = cluster.bootstrap
         print(f"cluster up: Kafka at {bootstrap}, metrics at http://127.0.0.1:{cluster.http_port}/metrics")
+        print(f"KAFKA_BOOTSTRAP={bootstrap}\nGATEWAY_URL={cluster.gateway_url}")
         admin = cluster.admin()  # the dev operator: signs the operations, verifies the enclave's receipts
         eth_key = await admin.create_key("secp256k1", "default")
         ed_key = await admin.create_key("ed25519", "default")

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -354,3 +355,99 @@ async def test_outstanding_bound_answers_429_and_an_unanswered_call_504(rig: Gat
                 w.close()
     await gw.astop()
     assert gw.returncode == 0
+
+
+NODE = shutil.which("node")
+NODE_DIR = Path(__file__).resolve().parents[1] / "node"
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed: the ethers v6 client test needs Node.js 18+")
+async def test_ethers_v6_uses_the_gateway_as_its_json_rpc_signer(rig: GatewayRig) -> None:
+    assert (NODE_DIR / "node_modules" / "ethers").is_dir(), "run bin/setup (npm ci in tests/node) first"
+    env = {**os.environ, "GATEWAY_URL": rig.url, "GATEWAY_TOKEN": TOKEN, "ADDRESS": rig.address,
+           "CHAIN_ID": "11155111"}  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(NODE or "node", str(NODE_DIR / "sign.mjs"), env=env, cwd=NODE_DIR,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, (out.decode(), err.decode())
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["tx_from"] == result["message_signer"] == result["typed_signer"] == rig.address
+    assert Account.recover_transaction(result["raw"]) == rig.address  # and eth-account agrees
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def test_many_concurrent_callers_each_answered_exactly_once(rig: GatewayRig) -> None:
+    """500 callers (GATEWAY_LOAD_CALLERS) for 10 s (GATEWAY_LOAD_SECONDS), closed loop: every call gets
+    exactly one answer, with its own request_id and a valid signature; the gateway's memory stays bounded."""
+    callers = int(os.environ.get("GATEWAY_LOAD_CALLERS", "500"))
+    seconds = float(os.environ.get("GATEWAY_LOAD_SECONDS", "10"))
+    key = rig.keys[0]
+    pub = bytes.fromhex(key["public_key"])
+    sent: list[str] = []
+    answered: dict[str, int] = {}
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    rss = [_rss_mib(rig.gateway.pid)]
+    stop_at = time.monotonic() + seconds
+
+    async def caller(http: aiohttp.ClientSession, n: int) -> None:
+        i = 0
+        while time.monotonic() < stop_at:
+            rid = f"load-{n}-{i}"
+            i += 1
+            digest = hashlib.sha256(rid.encode()).digest()
+            body = {
+                "request_id": rid,
+                "key_id": key["key_id"],
+                "scheme": "secp256k1_digest",
+                "payload": "0x" + digest.hex(),
+            }
+            sent.append(rid)
+            t0 = time.perf_counter()
+            async with http.post(f"{rig.url}/v1/sign", json=body) as r:
+                out = await r.json()
+            latencies.append(time.perf_counter() - t0)
+            statuses[r.status] = statuses.get(r.status, 0) + 1
+            got = out.get("request_id")
+            answered[got] = answered.get(got, 0) + 1
+            if r.status == 200:
+                assert out["status"] == "ok", out
+                import coincurve
+
+                sig = bytes.fromhex(out["signature"][2:])
+                assert coincurve.PublicKey.from_signature_and_message(sig, digest, hasher=None).format(False) == pub
+
+    async def sample_rss() -> None:
+        while time.monotonic() < stop_at:
+            await asyncio.sleep(1)
+            rss.append(_rss_mib(rig.gateway.pid))
+
+    conn = aiohttp.TCPConnector(limit=callers)
+    async with aiohttp.ClientSession(
+        headers=rig.headers(), connector=conn, timeout=aiohttp.ClientTimeout(total=60)
+    ) as http:
+        await asyncio.gather(sample_rss(), *(caller(http, n) for n in range(callers)))
+        async with http.get(f"{rig.url}/metrics") as r:
+            metrics = await r.text()
+    rss.append(_rss_mib(rig.gateway.pid))
+    latencies.sort()
+    p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
+    print(f"\ngateway load: {callers} callers x {seconds:.0f}s: {len(sent)} calls ({len(sent) / seconds:.0f}/s), "
+          f"HTTP {statuses}, p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, gateway RSS MiB {rss[0]:.0f} -> "
+          f"max {max(rss):.0f}")  # fmt: skip
+    assert len(sent) == len(set(sent)) and set(answered) == set(sent), "a call without its own answer"
+    assert all(v == 1 for v in answered.values()), "a call answered twice"
+    assert statuses.get(200, 0) == len(sent), statuses  # under the outstanding bound: every call signed
+    assert "signer_gateway_outstanding 0.0" in metrics
+    assert max(rss) < 400, rss  # bounded: the pending map and bodies are bounded, nothing accumulates
