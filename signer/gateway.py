@@ -329,10 +329,11 @@ def _address(scheme: str, public_key: bytes) -> str | None:
 
 class KeyDirectory:
     """key_id, address and public key of the keys in the key store the hosts use (no secret is read;
-    the sealed parts stay where they are). Refreshed every SIGNER_GATEWAY_KEYS_REFRESH_S, and on a
-    miss at most once a second. A wrong mapping cannot make the gateway return a signature by another
-    address than the one asked for: transactions carry `from` (checked in the enclave), and other eth1
-    signatures are recovered and compared before they are returned."""
+    the sealed parts stay where they are). Re-read when the store's directories change: checked every
+    SIGNER_GATEWAY_KEYS_REFRESH_S, and before listing keys or on an unknown identifier (at most every
+    0.1 s). Addresses are derived from the public keys. A wrong mapping cannot make the gateway return
+    a signature by another address than the one asked for: transactions carry `from` (checked in the
+    enclave), and eth_sign and eth1 sign signatures are recovered and compared before they are returned."""
 
     def __init__(self, root: str, refresh_s: float) -> None:
         self.root, self.refresh_s = root, refresh_s
@@ -340,6 +341,7 @@ class KeyDirectory:
         self.by_ident: dict[str, KeyInfo] = {}  # lower 0x address, 0x public key (65 and 64 bytes)
         self.loaded = False
         self._last = 0.0
+        self._seen: tuple[tuple[str, int], ...] = ()
         self._lock = asyncio.Lock()
 
     def _read(self) -> list[KeyInfo]:
@@ -352,17 +354,30 @@ class KeyDirectory:
         return [KeyInfo(k.key_id, k.scheme, k.public_key, _address(k.scheme, k.public_key), k.keyring_id)
                 for k in store.keys()]  # fmt: skip
 
+    def _stamp(self) -> tuple[tuple[str, int], ...]:
+        """Modification times of the store's directories: a key written anywhere changes one."""
+        root = Path(self.root)
+        if not self.root or not root.is_dir():
+            return ()
+        dirs = [root, *(p for ring in root.iterdir() if ring.is_dir() for p in (ring, ring / "keys") if p.is_dir())]
+        return tuple((str(p), p.stat().st_mtime_ns) for p in dirs)
+
     async def refresh(self, force: bool = False) -> None:
+        """Re-read the store if it changed (checked at most every 0.1 s unless forced)."""
         async with self._lock:
             now = time.monotonic()
-            if not force and now - self._last < 1.0:
+            if not force and now - self._last < 0.1:
                 return
             self._last = now
             try:
+                stamp = await asyncio.to_thread(self._stamp)
+                if stamp == self._seen and self.loaded and not force:
+                    return
                 keys = await asyncio.to_thread(self._read)
             except Exception as exc:  # a half-written store: keep what we had
                 log.warning("keys_refresh_failed", error=repr(exc))
                 return
+            self._seen = stamp
             by_ident: dict[str, KeyInfo] = {}
             for k in keys:
                 if k.address:
