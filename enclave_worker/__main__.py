@@ -67,10 +67,18 @@ def main(argv: list[str] | None = None) -> int:
         if config.attestation == "dev" and not (Path(args.dev_pki) / "root.der").exists():
             return _fail(f"--dev-pki {args.dev_pki!r} holds no dev PKI (start the dev KMS first: python -m devkms)")
         vault = _vault(args, config, config_bytes)
-    auth = Authenticator(
-        window_s=float(_env("ENCLAVE_AUTH_WINDOW_S", "300")),
-        replay_capacity=int(_env("ENCLAVE_REPLAY_CACHE", "100000")),
-    )
+    # these come from the host's environment: bounded, so that no value turns a check off (a NaN
+    # window would make every request fresh, and evict every replay entry at once)
+    try:
+        window_s = float(_env("ENCLAVE_AUTH_WINDOW_S", "300"))
+        replay_capacity = int(_env("ENCLAVE_REPLAY_CACHE", "100000"))
+    except ValueError as exc:
+        return _fail(f"ENCLAVE_AUTH_WINDOW_S / ENCLAVE_REPLAY_CACHE: {exc}")
+    if not 1.0 <= window_s <= 3600.0:  # False for NaN too
+        return _fail("ENCLAVE_AUTH_WINDOW_S must be between 1 and 3600 seconds")
+    if not 1 <= replay_capacity <= 10_000_000:
+        return _fail("ENCLAVE_REPLAY_CACHE must be between 1 and 10,000,000")
+    auth = Authenticator(window_s=window_s, replay_capacity=replay_capacity)
     max_keys = min(int(_env("ENCLAVE_MAX_KEYS", "1000000")), 10_000_000)
     server = EnclaveServer(args.listen, args.enclave_id, args.credits, args.handler, vault, auth, max_keys)
     asyncio.run(_run(server))

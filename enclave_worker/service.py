@@ -19,7 +19,7 @@ from typing import Any
 from schemas.errors import SchemaError
 from schemas.eth_tx import EthTx, parse_eth_tx
 from schemas.refusals import Code, Refused
-from schemas.sign_request import SignRequest, decode_sign_request, readable_ids
+from schemas.sign_request import MAX_REQUEST_BYTES, SignRequest, sign_request_from_map, unpack_map
 from schemas.sign_result import SignResult
 
 from . import signers
@@ -163,10 +163,14 @@ class SigningService:
     def _prepare(self, raw: Any, now_ms: int) -> SignResult | Prepared:
         """Decode and check what needs no key: the deadline, that the key exists, the transaction."""
         try:
-            req = decode_sign_request(raw)
-        except SchemaError as exc:  # answered under the ids it carries, as far as they can be read
-            _, key_id, _ = readable_ids(raw)
-            return SignResult.refused(exc.request_id or "", key_id or "", exc)
+            m = unpack_map(raw, MAX_REQUEST_BYTES)
+        except SchemaError as exc:  # nothing can be read from it
+            return SignResult.refused("", "", exc)
+        try:
+            req = sign_request_from_map(m)
+        except SchemaError as exc:  # answered under the ids it carries, as far as they can be read (no second decode)
+            kid = m.get("key_id")
+            return SignResult.refused(exc.request_id or "", kid if type(kid) is str and len(kid) <= 128 else "", exc)
         if req.deadline_ms is not None and req.deadline_ms <= now_ms:
             return _expired(req)
         if req.key_id not in self.vault.sealed:

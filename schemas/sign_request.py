@@ -65,10 +65,11 @@ def unpack_map(raw: bytes, max_bytes: int) -> dict[str, Any]:
     if len(raw) > max_bytes:
         raise SchemaError(Code.TOO_LARGE, f"message is {len(raw)} bytes, the limit is {max_bytes}")
     try:
-        if len(raw) <= MAX_CONTAINERS:  # every map or list takes at least one byte: this one cannot exceed the budget
+        budget = MAX_CONTAINERS
+        if len(raw) <= budget:  # every map or list takes at least one byte: this one cannot exceed the budget
             obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
         else:
-            hook = ContainerBudget(MAX_CONTAINERS)
+            hook = ContainerBudget(budget)
             obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, object_hook=hook, list_hook=hook)
     except OverBudget:
         raise SchemaError(Code.TOO_LARGE, f"message holds more than {MAX_CONTAINERS} maps and lists") from None
@@ -104,10 +105,14 @@ def readable_ids(raw: Any) -> tuple[str | None, str | None, str | None]:
 def decode_envelope(raw: bytes) -> SignRequest:
     """What a host reads of a SignRequest: every field checked but the payload's shape for its
     scheme (the enclave checks that, and parses it, anyway); `parsed` is None."""
-    return sign_request_from_map(unpack_map(raw, MAX_REQUEST_BYTES), check_payload=False)
+    return sign_request_from_map(unpack_map(raw, MAX_REQUEST_BYTES), _host_only_skip_payload=True)
 
 
-def sign_request_from_map(m: dict[str, Any], check_payload: bool = True) -> SignRequest:
+def sign_request_from_map(m: dict[str, Any], *, _host_only_skip_payload: bool = False) -> SignRequest:
+    """A validated SignRequest from a decoded map (the enclave's path: every field and the payload).
+    `_host_only_skip_payload` is for decode_envelope alone; nothing in enclave_worker passes it
+    (a test keeps it so)."""
+    check_payload = not _host_only_skip_payload
     get = m.get
     rid, key_id, scheme, payload = get("request_id"), get("key_id"), get("scheme"), get("payload")
     if (  # the common, valid case, checked inline (a refusal takes the path below, which names the problem)

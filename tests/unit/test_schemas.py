@@ -175,8 +175,22 @@ def test_the_inline_fast_path_decides_exactly_as_the_field_by_field_checks() -> 
     @settings(max_examples=3000, deadline=None)
     @given(st.dictionaries(st.sampled_from(fields), value), st.booleans())
     def check(m: dict[str, Any], check_payload: bool) -> None:
-        fast = outcome(lambda x: sign_request_from_map(x, check_payload), m)
+        fast = outcome(lambda x: sign_request_from_map(x, _host_only_skip_payload=not check_payload), m)
         slow = outcome(lambda x: _sign_request_checked(x, check_payload), m)
         assert fast == slow, (m, fast, slow)
 
     check()
+
+
+def test_the_enclave_never_skips_payload_checks() -> None:
+    """decode_envelope (every field but the payload's shape) is the host's; the enclave's code never
+    calls it nor passes the flag that skips the payload checks."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "enclave_worker"
+    offenders = [
+        str(path.relative_to(root.parent))
+        for path in sorted(root.rglob("*.py"))
+        if "decode_envelope" in (text := path.read_text()) or "_host_only_skip_payload" in text
+    ]
+    assert not offenders, offenders
