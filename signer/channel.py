@@ -175,6 +175,9 @@ class EnclaveConnection:
         self.lost_cause = ""  # how the last loss happened: "closed", "hung" or "error"
         self.closing = False
         self.enclave_stats: dict[str, Any] = {}  # counters the enclave reports with each pong
+        # route keys (keyrings) this enclave has signed for since it came up: their data key is warm there
+        # (the pool shares one set between an enclave's connections)
+        self.warm: set[str] = set()
         self._labels = {"channel": self.name}
         m = self.metrics
         self._m_credits = m.credits.labels(**self._labels)
@@ -410,6 +413,8 @@ class EnclaveConnection:
             svc = timings.get("enclave_service", 0) / 1e6 if type(timings) is dict else 0.0
             service.append(svc)
             transfer.append(max(0.0, now - p.sent_at - svc))
+            if result.get("status") == "ok":
+                self.warm.add(p.key_id)
             p.batch.resolve(p.index, result)
         m = self.metrics
         m.stage.observe_many("enclave_service", service)

@@ -64,7 +64,10 @@ class PoolSettings:
     connections_per_enclave: int = 2
     backoff_min_s: float = 0.05
     backoff_max_s: float = 2.0
-    spill_after: int = 256  # the affine enclave has this many requests queued or in flight: use a less loaded one
+    # the affine enclave has this many requests queued or in flight: spill to a less loaded enclave where the
+    # keyring is warm; past cold_spill_factor times as many, also to one where it is cold (one KMS unwrap there)
+    spill_after: int = 256
+    cold_spill_factor: int = 4
     poison_attempts: int = 3  # a request in flight on this many lost connections is refused (poison_request)
     channel: ChannelSettings = field(default_factory=ChannelSettings)
 
@@ -96,6 +99,9 @@ class EnclavePool:
                 )
                 for i in range(self.settings.connections_per_enclave)
             ]
+            warm: set[str] = set()  # one set per enclave: what any of its connections signed for
+            for conn in self.groups[url]:
+                conn.warm = warm
         self._connect_listeners: list[ConnectListener] = []
         self._live_urls: list[str] = []
         self._affinity: dict[str, str] = {}  # key_id -> rendezvous choice among _live_urls
@@ -176,6 +182,8 @@ class EnclavePool:
                 delay = min(delay * 2, s.backoff_max_s)
                 continue
             delay = s.backoff_min_s
+            if not any(c.connected for c in self.groups[conn.url] if c is not conn):
+                conn.warm.clear()  # the enclave was down (maybe restarted): its data keys may be cold
             serving = asyncio.create_task(conn.serve(), name=f"serve {conn.name}")
             try:
                 with contextlib.suppress(ChannelClosed):
@@ -278,14 +286,17 @@ class EnclavePool:
                 self._on_up()
             return
         if load >= self.settings.spill_after and len(self._live_urls) > 1:
-            # the affine enclave is busy (one hot keyring is more than one enclave core can sign): spill to
-            # a less loaded enclave; it unwraps the keyring once and keeps it
+            # the affine enclave is busy (one hot keyring is more than one enclave core can sign): spill to a
+            # less loaded enclave that holds the keyring's data key; once the backlog is much larger, and the
+            # keyring is warm here (a cold one is unwrapped by one enclave first), to any: it unwraps it once
+            key = p.key_id
+            cold_ok = load >= self.settings.spill_after * self.settings.cold_spill_factor and key in best.warm
             spill, least = None, best.load - best.credits
             for other in self._live_urls:
                 if other == url or other in self._isolating:
                     continue
                 for c in self.groups[other]:
-                    if c.connected and c.load - c.credits < least:
+                    if c.connected and c.load - c.credits < least and (cold_ok or key in c.warm):
                         spill, least = c, c.load - c.credits
             if spill is not None:
                 self._spilled += 1  # counted into the metric once per batch (_refresh_gauges)

@@ -248,34 +248,42 @@ async def test_link_shaping_adds_the_configured_delay(sock_dir: Path, tmp_path: 
 
 
 async def test_a_saturated_enclave_spills_to_the_least_loaded(sock_dir: Path) -> None:
-    # e0 grants 4 credits and never answers; e1 answers everything: work for e0's keys spills to e1
+    # e0 grants 4 credits, answers the first 4 requests (so the keyring is warm there) and then never again;
+    # e1 answers everything: once far more than SIGNER_SPILL_AFTER requests wait on e0, the keyring's work
+    # spills to e1 (which unwraps it once). Work queued before that waits for e0.
     async def answer(enclave: ScriptedEnclave, body: dict[str, object], writer: asyncio.StreamWriter) -> None:
         if body["t"] == frames.SIGN:
-            items = body["items"]
-            await enclave.answer(items, writer)
+            await enclave.answer(body["items"], writer)
 
-    async with ScriptedEnclave(sock_dir / "stuck.sock", credits=4) as stuck, \
+    async def first_four(enclave: ScriptedEnclave, body: dict[str, object], writer: asyncio.StreamWriter) -> None:
+        if body["t"] == frames.SIGN and len(enclave.received) <= 4:
+            await enclave.answer(body["items"], writer)
+
+    async with ScriptedEnclave(sock_dir / "stuck.sock", credits=4, on_frame=first_four) as stuck, \
                ScriptedEnclave(sock_dir / "ok.sock", credits=1000, on_frame=answer) as ok:  # fmt: skip
         metrics = HostMetrics()
-        settings = PoolSettings(connections_per_enclave=1, spill_after=10)
+        settings = PoolSettings(connections_per_enclave=1, spill_after=10, cold_spill_factor=4)
         pool = EnclavePool([stuck.url, ok.url], settings, metrics)
         try:
             await pool.start(ready_timeout=10)
             await wait_until(lambda: len(pool.live()) == 2, what="both enclaves")
             key = next(f"k{i}" for i in range(1000) if pool.affinity(f"k{i}") == stuck.url)
-            raws = [_raw(i) for i in range(200)]
-            batch = pool.submit_many([(key, r) for r in raws])
-            await wait_until(lambda: batch.answered >= 200 - 4 - 10, what="spilled requests answered")
-            assert metrics.spilled._value.get() > 0
-            assert len(stuck.received) == 4  # it never got more than its credits
+            warm = await pool.submit_many([(key, _raw(i)) for i in range(4)])  # e0 answers these: warm there
+            assert len(warm) == 4 and len(ok.received) == 0
+            batch = pool.submit_many([(key, _raw(i)) for i in range(4, 204)])
+            # e0 keeps 40 (4 x spill_after) before the rest spills; it never answers them
+            await wait_until(lambda: batch.answered >= 200 - 40, what="spilled requests answered")
+            assert metrics.spilled._value.get() >= 150
+            assert len(stuck.received) == 8  # it never got more than its credits
         finally:
             await pool.close()
 
 
 async def test_one_hot_keyring_is_signed_by_more_than_one_enclave(sock_dir: Path) -> None:
-    # both enclaves answer and have credits to spare: past SIGNER_SPILL_AFTER requests outstanding on the
-    # keyring's enclave, its requests go to the other one too (a spill rule on queueing beyond credits
-    # never fired here: 2 x 4,096 credits, so one hot wallet was capped at one enclave core)
+    # both enclaves answer and have credits to spare: once the keyring is warm in its enclave and far more
+    # than SIGNER_SPILL_AFTER requests are outstanding there, its requests go to the other one too (a spill
+    # rule on queueing beyond credits never fired here: 2 x 4,096 credits, so one hot wallet was capped at
+    # one enclave core)
     async def answer(enclave: ScriptedEnclave, body: dict[str, object], writer: asyncio.StreamWriter) -> None:
         if body["t"] == frames.SIGN:
             await enclave.answer(body["items"], writer)
@@ -287,10 +295,14 @@ async def test_one_hot_keyring_is_signed_by_more_than_one_enclave(sock_dir: Path
         try:
             await pool.start(ready_timeout=10)
             await wait_until(lambda: len(pool.live()) == 4, what="every connection")
-            results = await pool.submit_many([("hot-keyring", _raw(i)) for i in range(2000)])
+            # cold: the keyring's enclave alone (its data key is unwrapped by one enclave first)
+            await pool.submit_many([("hot-keyring", _raw(i)) for i in range(2000)])
+            assert sorted([len(a.received), len(b.received)]) == [0, 2000]
+            # warm there, and a backlog far past SIGNER_SPILL_AFTER: the other enclave takes a share
+            results = await pool.submit_many([("hot-keyring", _raw(i)) for i in range(2000, 4000)])
             assert len(results) == 2000
             counts = sorted([len(a.received), len(b.received)])
-            assert sum(counts) == 2000 and counts[0] >= 500, counts  # the keyring's enclave and the other
+            assert sum(counts) == 4000 and counts[0] >= 500, counts
             assert metrics.spilled._value.get() == counts[0]
         finally:
             await pool.close()
