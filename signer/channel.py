@@ -369,9 +369,17 @@ class EnclaveConnection:
             await self._write(data)
 
     async def _write(self, data: bytes) -> None:
-        assert self._writer is not None
+        writer = self._writer
+        assert writer is not None
         async with self._write_lock:
-            await frames.write_frame(self._writer, data)
+            if writer.is_closing():  # lost meanwhile (the peer reset it, or _drop closed it)
+                raise ChannelClosed(f"{self.url}: connection closed")
+            try:
+                await frames.write_frame(writer, data)
+            except RuntimeError as exc:  # uvloop: a write to a transport that has closed is a RuntimeError
+                if writer.is_closing():
+                    raise ChannelClosed(f"{self.url}: connection closed ({exc})") from None
+                raise
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         loop = asyncio.get_running_loop()

@@ -18,7 +18,7 @@ import msgpack
 import pytest
 
 from schemas import frames
-from signer.channel import Batch, ChannelSettings
+from signer.channel import Batch, ChannelClosed, ChannelSettings, EnclaveConnection
 from signer.metrics import HostMetrics
 from signer.pool import EnclavePool, PoolSettings
 from tests.enclaves import ScriptedEnclave, start_enclave, wait_until
@@ -325,3 +325,24 @@ async def test_a_pool_that_fails_fails_its_watcher_instead_of_leaving_the_host_w
                     await pool.watch()
         finally:
             await pool.close()
+
+
+def test_a_write_to_a_connection_that_closed_meanwhile_is_a_lost_connection_under_uvloop(sock_dir: Path) -> None:
+    # with uvloop (what hosts run on) a write to a transport that has closed raises RuntimeError, not a
+    # ConnectionError: it must count as a lost connection, not as a bug that fails the whole pool (a soak
+    # run lost a host this way when an enclave was SIGKILLed under load)
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        async with ScriptedEnclave(sock_dir / "e.sock", credits=10) as enclave:
+            conn = EnclaveConnection(enclave.url, ChannelSettings(), lambda *a: None, HostMetrics())
+            await conn.connect()
+            assert conn._writer is not None
+            conn._writer.transport.abort()  # the peer reset it, say
+            for _ in range(3):
+                await asyncio.sleep(0)  # the transport's close runs
+            with pytest.raises(ChannelClosed):
+                await conn._write(frames.PingFrame(1).encode())
+            await conn.close()
+
+    uvloop.run(scenario())
