@@ -61,12 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
     if args.credits < 1:
         return _fail("--credits must be at least 1")
-    configure_logging("enclave_worker")
-    vault = None
-    if config is not None:
-        if config.attestation == "dev" and not (Path(args.dev_pki) / "root.der").exists():
-            return _fail(f"--dev-pki {args.dev_pki!r} holds no dev PKI (start the dev KMS first: python -m devkms)")
-        vault = _vault(args, config, config_bytes)
     # these come from the host's environment: bounded, so that no value turns a check off (a NaN
     # window would make every request fresh, and evict every replay entry at once)
     try:
@@ -78,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("ENCLAVE_AUTH_WINDOW_S must be between 1 and 3600 seconds")
     if not 1 <= replay_capacity <= 10_000_000:
         return _fail("ENCLAVE_REPLAY_CACHE must be between 1 and 10,000,000")
+    configure_logging("enclave_worker")
+    vault = None
+    if config is not None:
+        if config.attestation == "dev" and not (Path(args.dev_pki) / "root.der").exists():
+            return _fail(f"--dev-pki {args.dev_pki!r} holds no dev PKI (start the dev KMS first: python -m devkms)")
+        vault = _vault(args, config, config_bytes)
     auth = Authenticator(window_s=window_s, replay_capacity=replay_capacity)
     max_keys = min(int(_env("ENCLAVE_MAX_KEYS", "1000000")), 10_000_000)
     server = EnclaveServer(args.listen, args.enclave_id, args.credits, args.handler, vault, auth, max_keys)
