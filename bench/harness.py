@@ -262,6 +262,54 @@ class RunResult:
 MakeRequest = Callable[[int, list[dict[str, Any]], random.Random], tuple[bytes, bytes]]
 
 
+async def _results_consumer(stack: Stack, host: HostProcess) -> AIOKafkaConsumer:
+    """A consumer of the host's results partitions, positioned at their ends."""
+    layout = host.config.layout
+    consumer = AIOKafkaConsumer(bootstrap_servers=stack.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    tps = [TopicPartition(layout.results, p) for p in range(layout.result_partitions)]
+    consumer.assign(tps)
+    await consumer.seek_to_end(*tps)
+    for tp in tps:
+        await consumer.position(tp)
+    return consumer
+
+
+class _Meter:
+    """CPU of the host, the enclaves, the broker and this process, the host's stage sums and the KMS
+    calls, from start() to finish(): a run's per-request figures."""
+
+    def __init__(self, stack: Stack, host: HostProcess) -> None:
+        self.stack, self.host = stack, host
+        self.enclave_pids = [e.process.pid for e in stack.enclaves if e.process.running]
+        kafka = stack.topology.kafka
+        self.broker_pid = kafka.pid if kafka is not None else None
+
+    def _cpu(self) -> tuple[float, float, float, float]:
+        """(host, enclaves, broker, this process) CPU seconds."""
+        return (cpu_seconds(self.host.process.pid), sum(cpu_seconds(p) for p in self.enclave_pids),
+                cpu_seconds(self.broker_pid) if self.broker_pid else 0.0, time.process_time())  # fmt: skip
+
+    async def start(self) -> None:
+        self.cpu0 = self._cpu()
+        self.m0 = stage_sums(await metrics_text(self.host.port))
+        self.k0 = await kms_calls(self.stack.kms_url)
+
+    async def finish(self, res: RunResult, other_loadgen_cpu: float = 0.0) -> None:
+        """Fill in `res`'s per-request figures (res.requests set); `other_loadgen_cpu`: CPU seconds of a
+        load-generating process besides this one."""
+        cpu1 = self._cpu()
+        host, enclaves, broker, own = (b - a for a, b in zip(self.cpu0, cpu1, strict=True))
+        res.host_cpu_us = host / res.requests * 1e6
+        res.enclave_cpu_us = enclaves / res.requests * 1e6
+        res.broker_cpu_us = broker / res.requests * 1e6
+        res.loadgen_cpu_us = (own + other_loadgen_cpu) / res.requests * 1e6
+        res.host_rss_kb = rss_kb(self.host.process.pid)
+        m0, m1 = self.m0, stage_sums(await metrics_text(self.host.port))
+        res.stages = {s: (m1[s][0] - m0[s][0]) / max(1.0, m1[s][1] - m0[s][1]) for s in STAGES}
+        res.kms_per_1000 = (await kms_calls(self.stack.kms_url) - self.k0) * 1000 / res.requests
+
+
 async def drive(
     stack: Stack, host: HostProcess, name: str, total: int, *, outstanding: int | None = None,
     rate: float | None = None, make: MakeRequest = make_request, linger_ms: int = 2, separate: bool = False,
@@ -273,27 +321,15 @@ async def drive(
         return await _drive_separate(stack, host, name, total, rate, make, linger_ms)
     res = RunResult(name)
     rnd = random.Random(7)
-    bootstrap = stack.bootstrap
     layout = host.config.layout
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms)
-    await consumer.start()
+    consumer = await _results_consumer(stack, host)
+    producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, linger_ms=linger_ms)
     await producer.start()
-    tps = [TopicPartition(layout.results, p) for p in range(layout.result_partitions)]
-    consumer.assign(tps)
-    await consumer.seek_to_end(*tps)
-    for tp in tps:
-        await consumer.position(tp)
     sent_at: dict[str, float] = {}
     window = asyncio.Semaphore(outstanding or total)
     done = asyncio.Event()
-    pids = [e.process.pid for e in stack.enclaves if e.process.running]
-    host_pid = host.process.pid
-    broker_pid = stack.topology.kafka.pid if stack.topology.kafka is not None else None
-    cpu0 = (cpu_seconds(host_pid), sum(cpu_seconds(p) for p in pids))
-    other0 = (cpu_seconds(broker_pid) if broker_pid else 0.0, time.process_time())
-    m0 = stage_sums(await metrics_text(host.port))
-    k0 = await kms_calls(stack.kms_url)
+    meter = _Meter(stack, host)
+    await meter.start()
     t0 = time.perf_counter()
 
     async def receive() -> None:
@@ -338,16 +374,7 @@ async def drive(
         await consumer.stop()
     res.seconds = time.perf_counter() - t0
     res.requests = len(res.timeline)
-    cpu1 = (cpu_seconds(host_pid), sum(cpu_seconds(p) for p in pids))
-    other1 = (cpu_seconds(broker_pid) if broker_pid else 0.0, time.process_time())
-    res.host_cpu_us = (cpu1[0] - cpu0[0]) / res.requests * 1e6
-    res.enclave_cpu_us = (cpu1[1] - cpu0[1]) / res.requests * 1e6
-    res.broker_cpu_us = (other1[0] - other0[0]) / res.requests * 1e6
-    res.loadgen_cpu_us = (other1[1] - other0[1]) / res.requests * 1e6
-    res.host_rss_kb = rss_kb(host_pid)
-    m1 = stage_sums(await metrics_text(host.port))
-    res.stages = {s: (m1[s][0] - m0[s][0]) / max(1.0, m1[s][1] - m0[s][1]) for s in STAGES}
-    res.kms_per_1000 = (await kms_calls(stack.kms_url) - k0) * 1000 / res.requests
+    await meter.finish(res)
     return res
 
 
@@ -356,13 +383,8 @@ async def _drive_separate(
 ) -> RunResult:
     res = RunResult(name)
     layout = host.config.layout
-    consumer = AIOKafkaConsumer(bootstrap_servers=stack.bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    tps = [TopicPartition(layout.results, p) for p in range(layout.result_partitions)]
-    consumer.assign(tps)
-    await consumer.seek_to_end(*tps)
-    for tp in tps:
-        await consumer.position(tp)
+    consumer = await _results_consumer(stack, host)
+    meter = _Meter(stack, host)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.loadgen", "--bootstrap", stack.bootstrap, "--topic", layout.requests,
@@ -377,12 +399,7 @@ async def _drive_separate(
             line = await proc.stdout.readline()
         if line.strip() != b"READY":
             raise RuntimeError(f"bench.loadgen did not start: {line!r}")
-        pids = [e.process.pid for e in stack.enclaves if e.process.running]
-        broker_pid = stack.topology.kafka.pid if stack.topology.kafka is not None else None
-        cpu0 = (cpu_seconds(host.process.pid), sum(cpu_seconds(p) for p in pids))
-        other0 = (cpu_seconds(broker_pid) if broker_pid else 0.0, time.process_time())
-        m0 = stage_sums(await metrics_text(host.port))
-        k0 = await kms_calls(stack.kms_url)
+        await meter.start()
         t0 = time.time() + 0.05
         proc.stdin.write(f"{t0!r}\n".encode())
         await proc.stdin.drain()
@@ -414,16 +431,7 @@ async def _drive_separate(
             await proc.wait()
         await consumer.stop()
     res.requests = len(res.timeline)
-    cpu1 = (cpu_seconds(host.process.pid), sum(cpu_seconds(p) for p in pids))
-    other1 = (cpu_seconds(broker_pid) if broker_pid else 0.0, time.process_time())
-    res.host_cpu_us = (cpu1[0] - cpu0[0]) / res.requests * 1e6
-    res.enclave_cpu_us = (cpu1[1] - cpu0[1]) / res.requests * 1e6
-    res.broker_cpu_us = (other1[0] - other0[0]) / res.requests * 1e6
-    res.loadgen_cpu_us = (other1[1] - other0[1] + child_cpu) / res.requests * 1e6
-    res.host_rss_kb = rss_kb(host.process.pid)
-    m1 = stage_sums(await metrics_text(host.port))
-    res.stages = {s: (m1[s][0] - m0[s][0]) / max(1.0, m1[s][1] - m0[s][1]) for s in STAGES}
-    res.kms_per_1000 = (await kms_calls(stack.kms_url) - k0) * 1000 / res.requests
+    await meter.finish(res, other_loadgen_cpu=child_cpu)
     return res
 
 
