@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -65,6 +66,20 @@ class RunMode(ConsumerRebalanceListener):
     async def last_commit(self) -> None:
         """After run() (also a cancelled one): commit whatever is done."""
 
+    def start_helpers(
+        self, tg: asyncio.TaskGroup, committed: Callable[[TopicPartition], int | None]
+    ) -> list[asyncio.Task[None]]:
+        """The tasks beside the fetch loop: consumer lag (`committed`: what this host knows it committed),
+        the admin lane, and the watch on the enclave pool (a failed pool fails the host)."""
+        return [
+            tg.create_task(lag_loop(self.consumer, self.metrics, committed), name="lag-loop"),
+            tg.create_task(self.admin.run(self._deliver_admin), name="admin-lane"),
+            tg.create_task(self.intake.backend.pool.watch(), name="pool-watch"),
+        ]
+
+    async def _deliver_admin(self, rec: Record, reply: Output) -> None:
+        raise NotImplementedError
+
     async def fetch(self) -> Records:
         room = self.backpressure.room(self.in_flight)
         return await self.consumer.getmany(timeout_ms=100, max_records=min(self.config.max_batch, room))
@@ -92,11 +107,7 @@ class AtLeastOnce(RunMode):
     async def run(self, stopping: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
             committer = tg.create_task(self.commits.commit_loop(stopping), name="commit-loop")
-            helpers = [
-                tg.create_task(lag_loop(self.consumer, self.metrics, self.commits.tracker.committed), name="lag-loop"),
-                tg.create_task(self.admin.run(self._deliver_admin), name="admin-lane"),
-                tg.create_task(self.intake.backend.pool.watch(), name="pool-watch"),  # a failed pool fails the host
-            ]
+            helpers = self.start_helpers(tg, self.commits.tracker.committed)
             while not stopping.is_set():
                 batch = await self.fetch()
                 if not batch:
@@ -155,11 +166,7 @@ class ExactlyOnce(RunMode):
 
     async def run(self, stopping: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
-            helpers = [
-                tg.create_task(lag_loop(self.consumer, self.metrics, lambda tp: None), name="lag-loop"),
-                tg.create_task(self.admin.run(self._deliver_admin), name="admin-lane"),
-                tg.create_task(self.intake.backend.pool.watch(), name="pool-watch"),  # a failed pool fails the host
-            ]
+            helpers = self.start_helpers(tg, lambda tp: None)
             while not stopping.is_set():
                 batch = await self.fetch()
                 if not batch:
