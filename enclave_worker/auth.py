@@ -20,34 +20,17 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from schemas.refusals import Code, Refused
-from schemas.sign_request import SignRequest
+from schemas.sign_request import SignRequest, canonical_encoding
 
 from .policy import KeyPolicy
 
 DEFAULT_WINDOW_S = 300.0
-
-
-def _sorted(obj: Any) -> Any:
-    if type(obj) is dict:
-        return {k: _sorted(obj[k]) for k in sorted(obj, key=lambda k: (str(type(k)), k))}
-    if type(obj) is list:
-        return [_sorted(x) for x in obj]
-    return obj
-
-
-def canonical_encoding(req: SignRequest | dict[str, Any], ts_ms: int, nonce: bytes) -> bytes:
-    """The bytes a client signs (also usable by clients: pass the request as a dict)."""
-    m = req.to_wire() if isinstance(req, SignRequest) else req
-    body = ["signer-auth/v1", m["request_id"], m["key_id"], m["scheme"], m["payload"],
-            m.get("deadline_ms"), m.get("reply_topic"), ts_ms, nonce]  # fmt: skip
-    return msgpack.packb(_sorted(body), use_bin_type=True)
 
 
 @dataclass

@@ -183,3 +183,22 @@ def validate_payload(scheme: str, payload: Any, rid: str | None) -> Any:
                 rid,
             )
     return None
+
+
+def _sorted(obj: Any) -> Any:
+    if type(obj) is dict:
+        return {k: _sorted(obj[k]) for k in sorted(obj, key=lambda k: (str(type(k)), k))}
+    if type(obj) is list:
+        return [_sorted(x) for x in obj]
+    return obj
+
+
+def canonical_encoding(req: SignRequest | dict[str, Any], ts_ms: int, nonce: bytes) -> bytes:
+    """The bytes a client signs for a request's `auth` (schemas/README.md, request authentication):
+    msgpack of ["signer-auth/v1", request_id, key_id, scheme, payload, deadline_ms, reply_topic, ts_ms,
+    nonce] with every map's keys sorted. The enclave verifies against these bytes; a client (or the
+    gateway, for an identity it signs for) passes the request as a map."""
+    m = req.to_wire() if isinstance(req, SignRequest) else req
+    body = ["signer-auth/v1", m["request_id"], m["key_id"], m["scheme"], m["payload"],
+            m.get("deadline_ms"), m.get("reply_topic"), ts_ms, nonce]  # fmt: skip
+    return bytes(msgpack.packb(_sorted(body), use_bin_type=True))

@@ -43,7 +43,7 @@ from broker.topics import TopicLayout, replication_factor_for, topic_configs
 from schemas.errors import SchemaError
 from schemas.keccak import keccak256, to_checksum_address
 from schemas.refusals import Code
-from schemas.sign_request import MAX_REQUEST_BYTES, sign_request_from_map
+from schemas.sign_request import MAX_REQUEST_BYTES, canonical_encoding, sign_request_from_map
 
 from .config import ConfigError, HostConfig, _bool, _env, _int
 
@@ -198,23 +198,6 @@ class Client:
 
 
 ANONYMOUS = Client("anonymous")
-
-
-def _sorted(obj: Any) -> Any:
-    if type(obj) is dict:
-        return {k: _sorted(obj[k]) for k in sorted(obj, key=lambda k: (str(type(k)), k))}
-    if type(obj) is list:
-        return [_sorted(x) for x in obj]
-    return obj
-
-
-def canonical_encoding(m: dict[str, Any], ts_ms: int, nonce: bytes) -> bytes:
-    """What a client signs for `auth` (schemas/README.md, Request authentication): msgpack of
-    ["signer-auth/v1", request_id, key_id, scheme, payload, deadline_ms, reply_topic, ts_ms, nonce]
-    with every map's keys sorted."""
-    body = ["signer-auth/v1", m["request_id"], m["key_id"], m["scheme"], m["payload"],
-            m.get("deadline_ms"), m.get("reply_topic"), ts_ms, nonce]  # fmt: skip
-    return bytes(msgpack.packb(_sorted(body), use_bin_type=True))
 
 
 def _auth_signer(path: str) -> Callable[[bytes], bytes]:
