@@ -77,13 +77,13 @@ def _run(coro: Any) -> Any:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
-    commands = ["report", "profile", "soak", "e2e", "channel", "vault", "schemes"]
+    commands = ["report", "profile", "settings", "soak", "e2e", "channel", "vault", "schemes"]
     ap.add_argument("what", nargs="?", choices=commands, default="report")
     ap.add_argument("--out", type=Path, default=Path("artifacts/bench"), help="report directory (report)")
     ap.add_argument("--smoke", action="store_true", help="a tiny configuration that checks the harness (report)")
     ap.add_argument("--flamegraphs", action="store_true", help="py-spy flame graphs (profile)")
     ap.add_argument("--host-env", action="append", default=[], metavar="NAME=VALUE",
-                    help="a host setting for the run (profile; repeatable)")  # fmt: skip
+                    help="a host setting (profile; settings: an extra profile; repeatable)")  # fmt: skip
     ap.add_argument("--minutes", type=float, default=10.0, help="open-loop minutes (soak)")
     ap.add_argument("--fault-every", type=float, default=180.0,
                     help="seconds between faults, fewer on a short run; 0: no faults (soak)")  # fmt: skip
@@ -105,6 +105,16 @@ def main() -> None:
         host_env = dict(item.split("=", 1) for item in args.host_env)
         _run(run_profile(out, total=total, flamegraphs=args.flamegraphs, host_env=host_env or None))
         print((out / "profile.md").read_text())
+        return
+    if args.what == "settings":
+        from .settings import PROFILES, run_settings
+
+        out = args.out if args.out != Path("artifacts/bench") else Path("artifacts/settings")
+        total = args.n if args.n != 20000 else 30_000
+        custom = dict(item.split("=", 1) for item in args.host_env)
+        profiles = {**PROFILES, "custom": custom} if custom else PROFILES
+        _run(run_settings(out, total=total, profiles=profiles))
+        print((out / "settings.md").read_text())
         return
     if args.what == "soak":
         from .soak import run_soak
