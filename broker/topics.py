@@ -8,6 +8,7 @@ are created exactly as before: one replica, the broker's own min.insync.replicas
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -57,6 +58,30 @@ async def ensure_topics(bootstrap: str, layout: TopicLayout, timeout: float = 60
     Their replication factor is the layout's, else min(3, `brokers`), else min(3, the number of
     brokers the cluster's metadata lists): a cluster still forming may list fewer, so pass
     `brokers` (or set the layout's replication_factor) where that can happen."""
+    fixed = layout.replication_factor is not None
+    await _ensure(bootstrap, layout.new_topics, timeout, brokers if brokers is not None or not fixed else 1)
+
+
+def keys_topic(
+    name: str, brokers: int = 1, replication_factor: int | None = None, configs: Mapping[str, str] | None = None
+) -> NewTopic:
+    """The key store's topic (kafka:// key stores): one partition, so one order every host reads;
+    compacted, so it keeps the last record per record key for ever (never deleted by age); replicated
+    like the other topics. `configs` adds topic settings (tests shorten segments to force compaction)."""
+    rf = replication_factor or replication_factor_for(brokers)
+    return NewTopic(name, 1, rf, topic_configs={**topic_configs(rf), "cleanup.policy": "compact", **(configs or {})})
+
+
+async def ensure_keys_topic(
+    bootstrap: str, name: str, *, timeout: float = 60.0, brokers: int | None = None,
+    replication_factor: int | None = None, configs: Mapping[str, str] | None = None,
+) -> None:  # fmt: skip
+    """Create the key store's topic if it does not exist yet (as ensure_topics does for the layout)."""
+    count = brokers if brokers is not None or replication_factor is None else 1
+    await _ensure(bootstrap, lambda n: [keys_topic(name, n, replication_factor, configs)], timeout, count)
+
+
+async def _ensure(bootstrap: str, make: Callable[[int], list[NewTopic]], timeout: float, brokers: int | None) -> None:
     async with asyncio.timeout(timeout):
         while True:
             admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="signer-topics")
@@ -64,15 +89,16 @@ async def ensure_topics(bootstrap: str, layout: TopicLayout, timeout: float = 60
                 await admin.start()
                 existing = set(await admin.list_topics())
                 count = brokers
-                if count is None and layout.replication_factor is None:
+                if count is None:
                     count = len((await admin.describe_cluster())["brokers"])
-                missing = [t for t in layout.new_topics(count or 1) if t.name not in existing]
+                topics = make(count or 1)
+                missing = [t for t in topics if t.name not in existing]
                 if missing:
                     try:
                         await admin.create_topics(missing)
                     except TopicAlreadyExistsError:
                         pass  # a concurrent creator won; fine
-                await _wait_for_leaders(admin, [t.name for t in layout.new_topics()])
+                await _wait_for_leaders(admin, [t.name for t in topics])
                 return
             except KafkaError:
                 await asyncio.sleep(0.2)  # broker still electing; the enclosing timeout bounds this

@@ -49,12 +49,17 @@ class EnclaveBackend:
         self.credentials = credentials  # None: the enclaves have credentials of their own
         self.credentials_every_s = credentials_every_s
         self._refresher: asyncio.Task[None] | None = None
+        self._store_started = False
         self.pool.on_connect(self.load_into)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self, ready_timeout: float | None = None) -> None:
-        """Connect to every enclave; with a timeout, return once one connection is live (else TimeoutError)."""
+        """Read the key store, then connect to every enclave; with a timeout, return once one connection is
+        live (else TimeoutError)."""
+        if not self._store_started:
+            await self.store.start()
+            self._store_started = True
         if self.credentials is not None and self._refresher is None:
             self._refresher = asyncio.create_task(self._refresh_credentials(), name="kms-credentials")
         await self.pool.start(ready_timeout=ready_timeout)
@@ -69,6 +74,9 @@ class EnclaveBackend:
                 await self._refresher
             self._refresher = None
         await self.pool.close()
+        if self._store_started:
+            await self.store.close()
+            self._store_started = False
 
     # -- signing -----------------------------------------------------------------------------------
 
@@ -119,8 +127,8 @@ class EnclaveBackend:
             await conn.key_op("keyrings.load", args)
 
     async def reload_keys(self, key_ids: set[str]) -> set[str]:
-        """Keys another host created: re-read the store and load those found into every enclave."""
-        self.store.refresh()
+        """Keys another host created: read the store up to now and load those found into every enclave."""
+        await self.store.refresh()
         sealed = [s for k in key_ids if (s := self.store.get_key(k)) is not None]
         if sealed:
             rings = {s.keyring_id for s in sealed}

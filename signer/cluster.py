@@ -2,9 +2,10 @@
 LocalKafkaCluster of `brokers` nodes), the dev KMS, enclave worker processes on Unix sockets
 standing in for vsock, and a host worker in-process.
 
-Used by `python -m signer up` and `python -m signer demo`; built with signer/topology.py. State
-that must survive a restart (the dev KMS's keys and PKI, the wrapped keyrings) lives in a data
-directory, which one cluster at a time may use (a lock file in it).
+Used by `python -m signer up` and `python -m signer demo`; built with signer/topology.py. The
+wrapped keyrings live in the key store, by default the compacted topic sign.keys on the cluster's
+Kafka (SIGNER_KEYSTORE chooses another). State that must survive a restart (the dev KMS's keys and
+PKI) lives in a data directory, which one cluster at a time may use (a lock file in it).
 """
 
 from __future__ import annotations
@@ -73,6 +74,14 @@ class DataDirLock:
             self._fd = None
 
 
+def _keystore(settings: HostConfig) -> str:
+    """SIGNER_KEYSTORE (or the deprecated SIGNER_KEYSTORE_DIR) if set, else kafka://: the cluster's
+    own Kafka, the store a cluster of hosts shares."""
+    if os.environ.get("SIGNER_KEYSTORE") or os.environ.get("SIGNER_KEYSTORE_DIR"):
+        return settings.keystore
+    return "kafka://"
+
+
 class LocalCluster:
     def __init__(
         self,
@@ -131,6 +140,7 @@ class LocalCluster:
         # what can collide with another cluster on this machine is checked before anything starts
         self._lock.acquire()
         settings = HostConfig.from_env()  # a bad setting is one line now, not after Kafka started
+        self.topology.keystore = _keystore(settings)
         port = settings.http_port if self._http_port_req is None else self._http_port_req
         http_socket = listen_socket(settings.http_host, port)
         try:

@@ -94,7 +94,7 @@ class HostConfig:
     pool: PoolSettings = field(default_factory=PoolSettings)
     enclave_wait_s: float = 30.0
     shutdown_timeout_s: float = 30.0
-    keystore_dir: str = ""
+    keystore: str = ""  # SIGNER_KEYSTORE: the key store's URL (signer/keystore.py)
     default_keyring: str = "default"
     kms_credentials_file: str = ""  # JSON as IMDS serves role credentials: AccessKeyId, SecretAccessKey, Token
     max_in_flight: int = 10_000  # records fetched and not yet done; above it partitions pause
@@ -171,7 +171,7 @@ class HostConfig:
             ),
             enclave_wait_s=num("SIGNER_ENCLAVE_WAIT_S", 30),
             shutdown_timeout_s=num("SIGNER_SHUTDOWN_TIMEOUT_S", 30),
-            keystore_dir=env("SIGNER_KEYSTORE_DIR", os.path.expanduser("~/.local/share/enclave-signer/keystore")),
+            keystore=_keystore(environ),
             default_keyring=env("SIGNER_DEFAULT_KEYRING", "default"),
             kms_credentials_file=env("SIGNER_KMS_CREDENTIALS_FILE", ""),
             max_in_flight=num("SIGNER_MAX_IN_FLIGHT", 10_000, 1),
@@ -188,6 +188,11 @@ class HostConfig:
             raise ConfigError(f"SIGNER_CONFIG_FILE={environ['SIGNER_CONFIG_FILE']}: not a host setting: "
                               f"{', '.join(unknown)} (see docs/configuration.md)")  # fmt: skip
         return cfg
+
+    @property
+    def keystore_dir(self) -> str:
+        """The key store's directory if it is a dir:// store (readers that watch the directory), else its URL."""
+        return self.keystore.removeprefix("dir://") if self.keystore.startswith("dir://") else self.keystore
 
     def to_env(self) -> dict[str, str]:
         """The environment that makes a `signer host` process use this configuration: the inverse of
@@ -222,7 +227,7 @@ class HostConfig:
             "SIGNER_DEAD_AFTER_MS": _whole("SIGNER_DEAD_AFTER_MS", channel.dead_after_s, 1000),
             "SIGNER_ENCLAVE_WAIT_S": _whole("SIGNER_ENCLAVE_WAIT_S", self.enclave_wait_s, 1),
             "SIGNER_SHUTDOWN_TIMEOUT_S": _whole("SIGNER_SHUTDOWN_TIMEOUT_S", self.shutdown_timeout_s, 1),
-            "SIGNER_KEYSTORE_DIR": self.keystore_dir,
+            "SIGNER_KEYSTORE": self.keystore,
             "SIGNER_DEFAULT_KEYRING": self.default_keyring,
             "SIGNER_KMS_CREDENTIALS_FILE": self.kms_credentials_file,
             "SIGNER_MAX_IN_FLIGHT": str(self.max_in_flight),
@@ -236,6 +241,29 @@ class HostConfig:
         if self.transactional_id:
             env["SIGNER_TRANSACTIONAL_ID"] = self.transactional_id
         return env
+
+
+DEFAULT_KEYSTORE_DIR = "~/.local/share/enclave-signer/keystore"
+
+
+def _keystore(environ: Mapping[str, str]) -> str:
+    """SIGNER_KEYSTORE, checked; SIGNER_KEYSTORE_DIR=PATH (deprecated) stands for dir://PATH."""
+    from .keystore import parse_url
+
+    url = environ.get("SIGNER_KEYSTORE") or ""
+    legacy = environ.get("SIGNER_KEYSTORE_DIR") or ""
+    if legacy:
+        path = os.path.abspath(os.path.expanduser(legacy))
+        if url and url.strip() not in (f"dir://{path}", f"dir://{path}/"):
+            raise ConfigError(f"SIGNER_KEYSTORE_DIR={legacy!r} (deprecated) and SIGNER_KEYSTORE={url!r} disagree: "
+                              f"set only SIGNER_KEYSTORE")  # fmt: skip
+        url = url or f"dir://{path}"
+    url = url or f"dir://{os.path.expanduser(DEFAULT_KEYSTORE_DIR)}"
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"SIGNER_KEYSTORE={url!r}: {exc}") from None
+    return url
 
 
 def _whole(name: str, seconds: float, per_second: int) -> str:

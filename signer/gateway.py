@@ -328,14 +328,13 @@ class KeyDirectory:
         self._lock = asyncio.Lock()
 
     def _read(self) -> list[KeyInfo]:
-        from .keystore import DirectoryKeyStore
+        from .keystore import read_keys
 
-        if not self.root or not Path(self.root).is_dir():
-            return []
-        store = DirectoryKeyStore(Path(self.root))
+        # root: a directory (dir:// stores) or the key store's URL; a snapshot of its current keys
+        keys = read_keys(self.root if "://" in self.root else f"dir://{self.root}" if self.root else "")
         # the address is derived here from the public key (which the sealed record binds), not read
         return [KeyInfo(k.key_id, k.scheme, k.public_key, _address(k.scheme, k.public_key), k.keyring_id)
-                for k in store.keys()]  # fmt: skip
+                for k in keys]  # fmt: skip
 
     def _stamp(self) -> tuple[tuple[str, int], ...]:
         """Modification times of the store's directories: a key written anywhere changes one."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from pathlib import Path
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -33,7 +32,7 @@ from .config import HostConfig
 from .credentials import kms_credentials
 from .delivery import AtLeastOnce, ExactlyOnce, RunMode
 from .intake import Intake
-from .keystore import DirectoryKeyStore
+from .keystore import open_keystore
 from .metrics import EnclaveStatsCollector, HostMetrics
 
 log = structlog.get_logger("host")
@@ -43,12 +42,14 @@ class HostWorker:
     def __init__(self, config: HostConfig, metrics: HostMetrics | None = None) -> None:
         if not config.enclaves:
             raise ValueError("no enclave channel configured (SIGNER_ENCLAVES)")
-        if not config.keystore_dir:
-            raise ValueError("no key store configured (SIGNER_KEYSTORE_DIR)")
+        if not config.keystore:
+            raise ValueError("no key store configured (SIGNER_KEYSTORE)")
         self.config = config
         self.metrics = metrics or HostMetrics()
+        kafka = {"replication_factor": config.layout.replication_factor} if config.keystore.startswith("kafka:") else {}
+        store = open_keystore(config.keystore, bootstrap=config.bootstrap, **kafka)
         self.backend = EnclaveBackend(
-            config.enclaves, DirectoryKeyStore(Path(config.keystore_dir)), config.pool, self.metrics,
+            config.enclaves, store, config.pool, self.metrics,
             default_keyring=config.default_keyring,
             credentials=functools.partial(kms_credentials, config.kms_credentials_file),
         )  # fmt: skip

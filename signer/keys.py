@@ -118,7 +118,7 @@ class KeyManager:
         enclave_id = self._target(args)
         keyring = str(args.get("keyring") or self.default_keyring)  # routing only: the signed copy rules
         async with self._locks.setdefault(keyring, asyncio.Lock()):
-            self.store.refresh()  # another host may have created the keyring meanwhile
+            await self.store.refresh()  # another host may have created the keyring meanwhile
             env = self.store.get_envelope(keyring)
             if env is not None:  # make sure the chosen enclave has the current keyring
                 await self.pool.key_op("keyrings.load", {"envelopes": [env.to_wire()], "keys": []},
@@ -129,10 +129,11 @@ class KeyManager:
             sealed = SealedKey.from_wire(result["sealed"])
             if new_env is not None:
                 try:
-                    self.store.put_envelope(new_env)
+                    await self.store.put_envelope(new_env)
                 except KeyringConflict as exc:
                     raise KeyOpError(Code.KEYRING_CONFLICT, f"{exc}; retry") from None
-            self.store.put_key(sealed)
+            sealed_under = new_env or await self._envelope_of(sealed)
+            await self.store.put_keys(sealed_under, [sealed])
             await self.pool.broadcast(
                 "keyrings.load",
                 {"envelopes": [new_env.to_wire()] if new_env else [], "keys": [sealed.to_wire()]},
@@ -141,11 +142,22 @@ class KeyManager:
             log.info("key_stored", key_id=sealed.key_id, keyring=sealed.keyring_id, op=op)
             return {**result["key"], "receipt": result["receipt"], "enclave_id": result["enclave_id"]}
 
+    async def _envelope_of(self, sealed: SealedKey) -> KeyringEnvelope:
+        """The stored envelope a new key was sealed under: its keyring's version as the enclave used it."""
+        env = self.store.envelope_version(sealed.keyring_id, sealed.dek_version)
+        if env is None:  # the enclave knew a version this host had not read yet
+            await self.store.refresh()
+            env = self.store.envelope_version(sealed.keyring_id, sealed.dek_version)
+        if env is None:
+            raise KeyOpError(Code.KEYRING_CONFLICT, f"keyring {sealed.keyring_id} version {sealed.dek_version} "
+                             "is not in the key store; retry")  # fmt: skip
+        return env
+
     async def _rotate(self, args: dict[str, Any]) -> dict[str, Any]:
         enclave_id = self._target(args)
         keyring = str(args.get("keyring") or self.default_keyring)
         async with self._locks.setdefault(keyring, asyncio.Lock()):
-            self.store.refresh()
+            await self.store.refresh()
             env = self.store.get_envelope(keyring)
             if env is None:
                 raise KeyOpError(Code.UNKNOWN_KEYRING, f"no keyring {keyring!r}")
@@ -156,10 +168,9 @@ class KeyManager:
             result = self._result(reply)
             new_env = KeyringEnvelope.from_wire(result["envelope"])
             resealed = [SealedKey.from_wire(m) for m in result["sealed"]]
-            for sealed in resealed:  # keys first: the new version is current only once its envelope exists
-                self.store.put_key(sealed)
-            try:
-                self.store.put_envelope(new_env)
+            try:  # keys first: the new version is current only once its envelope exists
+                await self.store.put_keys(new_env, resealed)
+                await self.store.put_envelope(new_env)
             except KeyringConflict as exc:
                 raise KeyOpError(Code.KEYRING_CONFLICT, f"{exc}; retry") from None
             for load in load_frames([new_env.to_wire()], [s.to_wire() for s in resealed]):

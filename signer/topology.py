@@ -310,9 +310,10 @@ class Topology:
     """One local cluster: start its parts, find them by name, stop them all (by pid).
 
     State lives under `data_dir`: the dev KMS (`devkms/`), the dev enclave configuration and
-    operator key (`enclave/` unless provisioned elsewhere), the key store (`keystore/`) and, when
-    started here, Kafka (`kafka/`). Enclave sockets go to `sock_dir` (default: a short directory
-    of its own). Child logs go to `log_dir/NAME.log`, or without one to this process's stderr.
+    operator key (`enclave/` unless provisioned elsewhere), the key store (`keystore/`, unless
+    `keystore` names another store by URL) and, when started here, Kafka (`kafka/`). Enclave
+    sockets go to `sock_dir` (default: a short directory of its own). Child logs go to
+    `log_dir/NAME.log`, or without one to this process's stderr.
     Hosts get this topology's Kafka, topics (`layout`), consumer group, enclaves and key store,
     over the environment and `host_settings` (SIGNER_* variables as strings).
     """
@@ -320,9 +321,10 @@ class Topology:
     def __init__(
         self, data_dir: Path, *, sock_dir: Path | None = None, log_dir: Path | None = None, bootstrap: str = "",
         layout: TopicLayout | None = None, group_id: str | None = None,
-        host_settings: Mapping[str, str] | None = None, log_level: str | None = None,
+        host_settings: Mapping[str, str] | None = None, log_level: str | None = None, keystore: str | None = None,
     ) -> None:  # fmt: skip
         self.data_dir = data_dir
+        self.keystore = keystore  # the key store's URL; None: the directory data_dir/keystore
         self.log_dir = log_dir
         self.bootstrap = bootstrap
         self.layout = layout
@@ -351,6 +353,11 @@ class Topology:
     @property
     def keystore_dir(self) -> Path:
         return self.data_dir / "keystore"
+
+    @property
+    def keystore_url(self) -> str:
+        """The key store hosts and backends use: `keystore` if given, else dir:// of keystore_dir."""
+        return self.keystore or f"dir://{self.keystore_dir}"
 
     def _log(self, name: str) -> Path | None:
         return self.log_dir / f"{name}.log" if self.log_dir is not None else None
@@ -445,7 +452,7 @@ class Topology:
         base: dict[str, Any] = {
             "bootstrap": self.bootstrap,
             "enclaves": [e.url for e in self.enclaves.values()],
-            "keystore_dir": str(self.keystore_dir),
+            "keystore": self.keystore_url,
         }
         if self.layout is not None:
             base["layout"] = self.layout
@@ -501,11 +508,11 @@ class Topology:
         """The host's enclave backend in this process, without Kafka: the pool over this topology's
         enclaves (or `urls`) and the topology's key store; returns once a connection is live."""
         from .backend import EnclaveBackend
-        from .keystore import DirectoryKeyStore
+        from .keystore import open_keystore
 
         urls = urls or [e.url for e in self.enclaves.values()]
-        backend = EnclaveBackend(urls, DirectoryKeyStore(self.keystore_dir), pool_settings, metrics,
-                                 credentials=credentials)  # fmt: skip
+        store = open_keystore(self.keystore_url, bootstrap=self.bootstrap)
+        backend = EnclaveBackend(urls, store, pool_settings, metrics, credentials=credentials)
         self.backends.append(backend)
         await backend.start(ready_timeout=ready_timeout)
         return backend
@@ -519,7 +526,9 @@ class Topology:
         config = self.host_config()
         await self.create_topics(config.bootstrap, config.layout)
         env = {k: v for k, v in config.to_env().items() if k.startswith(("KAFKA_", "SIGNER_TOPIC_", "SIGNER_KEYSTORE"))}
-        env = {"SIGNER_GATEWAY_PORT": "0", **env, **self.host_settings, **(settings or {})}
+        # a store that is not a directory is re-read on the gateway's timer only: a short one
+        refresh = {} if self.keystore_url.startswith("dir://") else {"SIGNER_GATEWAY_KEYS_REFRESH_S": "1"}
+        env = {"SIGNER_GATEWAY_PORT": "0", **refresh, **env, **self.host_settings, **(settings or {})}
         proc = ChildProcess("signer", ["gateway"], self._child_env(env), log=self._log(name), name=name)
         self.gateways[name] = proc
         proc.spawn()
