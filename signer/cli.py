@@ -1,4 +1,4 @@
-"""The `signer` command: demo, up, host, keys create|list."""
+"""The `signer` command: demo, up, host, gateway, keys create|list|import|rotate-dek|migrate."""
 
 from __future__ import annotations
 
@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         parents=[operator], name="rotate-dek", help="new data key version for a keyring; its keys are sealed again"
     )
     kr.add_argument("--keyring", default=None)
+    km = ksub.add_parser("migrate", help="copy one key store's keyrings and sealed keys into another, then verify "
+                         "every record (no enclave, no operator key: the records are wrapped)")  # fmt: skip
+    km.add_argument("--from", dest="source", required=True, help="key store URL to copy from (SIGNER_KEYSTORE form)")
+    km.add_argument("--to", dest="target", required=True, help="key store URL to copy into")
     args = ap.parse_args(argv)
     if args.cmd == "up" and args.brokers < 1:
         ap.error("--brokers must be at least 1")
@@ -87,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(run_gateway())
         if args.cmd == "dev-enclave":
             return _run(_dev_enclave(args))
+        if args.keys_cmd == "migrate":
+            return _run(_migrate(args.source, args.target))
         return _run(_keys(args, *_operator_inputs(args)))
     except KeyboardInterrupt:
         return 130
@@ -98,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         from .admin_client import AdminError
         from .cluster import ClusterError
         from .config import ConfigError
+        from .keystore import KeyStoreError
 
         if isinstance(exc, ProducerFenced):
             print("signer: fenced: another host uses the same transactional id (SIGNER_TRANSACTIONAL_ID); "
@@ -109,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, KafkaError):
             print(f"signer: Kafka error: {exc!r}", file=sys.stderr)
             return 2
-        if isinstance(exc, KafkaUnavailable | AdminError | ConfigError | ClusterError | ValueError):
+        if isinstance(exc, KafkaUnavailable | AdminError | ConfigError | ClusterError | ValueError | KeyStoreError):
             print(f"signer: {exc}", file=sys.stderr)
             return 2
         raise
@@ -269,6 +276,24 @@ async def _keys(args: argparse.Namespace, operators: list[Any], root: x509.Certi
     else:
         result = {"keys": await session.list_keys()}
     print(json.dumps(result))
+    return 0
+
+
+async def _migrate(source: str, target: str) -> int:
+    """`keys migrate`: both URLs are checked before anything is read; kafka:// is KAFKA_BOOTSTRAP's."""
+    from .config import ConfigError, HostConfig
+    from .keystore import parse_url
+    from .keystore_migrate import migrate
+
+    for flag, url in (("--from", source), ("--to", target)):
+        try:
+            where = parse_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"{flag} {url}: {exc}") from None
+        if where.scheme == "kafka" and not os.environ.get("KAFKA_BOOTSTRAP"):
+            raise ConfigError(f"{flag} {url}: KAFKA_BOOTSTRAP is not set (HOST:PORT of the cluster's Kafka)")
+    result = await migrate(source, target, bootstrap=HostConfig.from_env().bootstrap)
+    print(json.dumps(result.summary()))
     return 0
 
 

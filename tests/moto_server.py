@@ -25,5 +25,26 @@ def main() -> None:
     server.serve_forever()
 
 
+def aws_client(service: str, endpoint: str) -> Any:
+    """A plain botocore client on the moto server (test credentials, us-east-1)."""
+    import botocore.session
+
+    return botocore.session.get_session().create_client(
+        service, region_name="us-east-1", endpoint_url=endpoint, aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )  # fmt: skip
+
+
+AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def create_table(endpoint: str, table: str) -> None:
+    """A key store table as docs/keystore.md describes it: partition key pk (S)."""
+    aws_client("dynamodb", endpoint).create_table(
+        TableName=table, KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}], BillingMode="PAY_PER_REQUEST",
+    )  # fmt: skip
+
+
 if __name__ == "__main__":
     main()

@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaProducer
 from schemas.records import KeyringEnvelope, SealedKey
 from signer.keystore import KeyringConflict, KeyStore, dek_tag, open_keystore
 from signer.topology import ChildProcess
+from tests.moto_server import AWS_TEST_ENV, aws_client, create_table
 
 BACKENDS = ["dir", "kafka", "s3", "dynamodb"]
 GARBAGE = b"\xc1 not a record"
@@ -52,16 +53,9 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+    for name, value in AWS_TEST_ENV.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
-
-
-def aws_client(service: str, endpoint: str) -> Any:
-    import botocore.session
-
-    return botocore.session.get_session().create_client(service, region_name="us-east-1", endpoint_url=endpoint)
 
 
 @dataclass
@@ -131,10 +125,7 @@ async def place(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             await asyncio.to_thread(aws_client("s3", endpoint).create_bucket, Bucket=f"keys-{tag}")
             p = Place("s3", f"s3://keys-{tag}/cluster-a?endpoint={endpoint}", endpoint=endpoint)
         else:
-            await asyncio.to_thread(aws_client("dynamodb", endpoint).create_table, TableName=f"keys-{tag}",
-                                    KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-                                    AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
-                                    BillingMode="PAY_PER_REQUEST")  # fmt: skip
+            await asyncio.to_thread(create_table, endpoint, f"keys-{tag}")
             p = Place("dynamodb", f"dynamodb://keys-{tag}?endpoint={endpoint}", endpoint=endpoint)
     try:
         yield p
