@@ -77,16 +77,19 @@ def _run(coro: Any) -> Any:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
-    commands = ["report", "profile", "settings", "soak", "e2e", "channel", "vault", "schemes"]
+    commands = ["report", "profile", "settings", "soak", "e2e", "channel", "vault", "schemes", "gateway"]
     ap.add_argument("what", nargs="?", choices=commands, default="report")
     ap.add_argument("--out", type=Path, default=Path("artifacts/bench"), help="report directory (report)")
-    ap.add_argument("--smoke", action="store_true", help="a tiny configuration that checks the harness (report)")
+    ap.add_argument(
+        "--smoke", action="store_true", help="a tiny configuration that checks the harness (report, gateway)"
+    )
     ap.add_argument("--flamegraphs", action="store_true", help="py-spy flame graphs (profile)")
     ap.add_argument("--host-env", action="append", default=[], metavar="NAME=VALUE",
                     help="a host setting (profile; settings: an extra profile; repeatable)")  # fmt: skip
     ap.add_argument("--minutes", type=float, default=10.0, help="open-loop minutes (soak)")
     ap.add_argument("--fault-every", type=float, default=180.0,
                     help="seconds between faults, fewer on a short run; 0: no faults (soak)")  # fmt: skip
+    ap.add_argument("--bootstrap", default="", help="use this Kafka instead of starting one (gateway)")
     ap.add_argument("-n", type=int, default=20000)
     args = ap.parse_args()
     configure_logging("bench", os.environ.get("SIGNER_LOG_LEVEL", "WARNING"))
@@ -122,6 +125,14 @@ def main() -> None:
         out = args.out if args.out != Path("artifacts/bench") else Path("artifacts/soak")
         _run(run_soak(out, args.minutes, args.fault_every))
         print((out / "soak.md").read_text())
+        return
+    if args.what == "gateway":
+        from .gateway import SMOKE as GATEWAY_SMOKE
+        from .gateway import GatewayProfile, run_gateway_bench
+
+        out = args.out if args.out != Path("artifacts/bench") else Path("artifacts/gateway")
+        _run(run_gateway_bench(out, GATEWAY_SMOKE if args.smoke else GatewayProfile(), args.bootstrap))
+        print((out / "gateway.md").read_text())
         return
     if args.what == "schemes":
         from .schemes import run_scheme_bench

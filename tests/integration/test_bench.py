@@ -36,3 +36,23 @@ def test_smoke_report_is_complete(tmp_path: Path) -> None:
     assert "speed-up" in md and "## Sweeps" in md
     for png in ("throughput.png", "latency_cdf.png", "stages.png"):
         assert (tmp_path / png).stat().st_size > 10_000, png
+
+
+def test_gateway_bench_smoke_answers_every_call_once(tmp_path: Path, bootstrap: str) -> None:
+    """`python -m bench gateway --smoke` on the session's Kafka: both paths measured, every call answered once."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "SIGNER_"))}
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "gateway", "--smoke", "--bootstrap", bootstrap, "--out", str(tmp_path)],
+        env={**env, "PYTHONPATH": str(ROOT), "SIGNER_LOG_LEVEL": "WARNING"},
+        capture_output=True, text=True, timeout=300, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "gateway.json").read_text())
+    overhead, load = report["overhead"], report["load"]
+    assert overhead["gateway"]["calls"] == overhead["kafka"]["requests"] == 40  # 20/s for 2 s on each path
+    assert overhead["gateway"]["failures"] == overhead["kafka"]["failures"] == 0
+    assert overhead["gateway"]["latency_ms"]["p50"] > 0 and overhead["kafka"]["latency_ms"]["p50"] > 0
+    assert load["calls"] > 0 and load["every_call_answered_once"], load
+    assert load["statuses"] == {"200 ok": load["calls"]} and load["gateway_rss_mib"]["max"] > 0
+    assert report["bad_signatures"] == 0
+    assert "added by the gateway" in (tmp_path / "gateway.md").read_text()
