@@ -61,28 +61,56 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
     if args.credits < 1:
         return _fail("--credits must be at least 1")
-    # these come from the host's environment: bounded, so that no value turns a check off (a NaN
-    # window would make every request fresh, and evict every replay entry at once)
+    # these come from the host's environment: each bounded, so that no value turns a check off (a NaN
+    # window would make every request fresh) or lets the enclave hold or wait without bound
     try:
-        window_s = float(_env("ENCLAVE_AUTH_WINDOW_S", "300"))
-        replay_capacity = int(_env("ENCLAVE_REPLAY_CACHE", "100000"))
+        limits = _limits()
     except ValueError as exc:
-        return _fail(f"ENCLAVE_AUTH_WINDOW_S / ENCLAVE_REPLAY_CACHE: {exc}")
-    if not 1.0 <= window_s <= 3600.0:  # False for NaN too
-        return _fail("ENCLAVE_AUTH_WINDOW_S must be between 1 and 3600 seconds")
-    if not 1 <= replay_capacity <= 10_000_000:
-        return _fail("ENCLAVE_REPLAY_CACHE must be between 1 and 10,000,000")
+        return _fail(str(exc))
     configure_logging("enclave_worker")
     vault = None
     if config is not None:
         if config.attestation == "dev" and not (Path(args.dev_pki) / "root.der").exists():
             return _fail(f"--dev-pki {args.dev_pki!r} holds no dev PKI (start the dev KMS first: python -m devkms)")
-        vault = _vault(args, config, config_bytes)
-    auth = Authenticator(window_s=window_s, replay_capacity=replay_capacity)
-    max_keys = min(int(_env("ENCLAVE_MAX_KEYS", "1000000")), 10_000_000)
-    server = EnclaveServer(args.listen, args.enclave_id, args.credits, args.handler, vault, auth, max_keys)
+        vault = _vault(args, config, config_bytes, limits)
+    auth = Authenticator(window_s=limits["ENCLAVE_AUTH_WINDOW_S"], replay_capacity=int(limits["ENCLAVE_REPLAY_CACHE"]))
+    server = EnclaveServer(args.listen, args.enclave_id, args.credits, args.handler, vault, auth)
     asyncio.run(_run(server))
     return 0
+
+
+# setting: (default, smallest, largest, integer?)
+LIMITS: dict[str, tuple[float, float, float, bool]] = {
+    "ENCLAVE_AUTH_WINDOW_S": (300, 1, 3600, False),
+    "ENCLAVE_REPLAY_CACHE": (100_000, 1, 10_000_000, True),
+    "ENCLAVE_MAX_CONCURRENT_UNWRAPS": (4, 1, 64, True),
+    "ENCLAVE_UNWRAP_TIMEOUT_S": (30, 0.1, 300, False),
+    "ENCLAVE_DEK_CACHE_ENTRIES": (1024, 1, 100_000, True),
+    "ENCLAVE_DEK_TTL_S": (3600, 1, 86_400, False),
+    "ENCLAVE_DEK_MAX_USES": (10_000_000, 1, 10**12, True),
+    "ENCLAVE_MAX_KEYS": (100_000, 1, 10_000_000, True),
+    "ENCLAVE_MAX_KEY_BYTES": (64 * 1024 * 1024, 1024 * 1024, 4 * 1024**3, True),
+    "ENCLAVE_MAX_OPEN_KEYS": (20_000, 1, 1_000_000, True),
+}
+
+
+def _limits() -> dict[str, float]:
+    """Every LIMITS setting from the environment, checked: ValueError naming the first bad one."""
+    out: dict[str, float] = {}
+    for name, (default, lo, hi, integer) in LIMITS.items():
+        raw = os.environ.get(name)
+        if raw is None:
+            out[name] = default
+            continue
+        try:
+            value: float = int(raw) if integer else float(raw)
+        except ValueError:
+            value = float("nan")
+        if not lo <= value <= hi:  # False for NaN too
+            kind = "an integer" if integer else "a number"
+            raise ValueError(f"{name}={raw!r}: must be {kind} between {lo:,} and {hi:,}")
+        out[name] = value
+    return out
 
 
 def _fail(message: str) -> int:
@@ -90,7 +118,7 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _vault(args: argparse.Namespace, config: EnclaveConfig, config_bytes: bytes) -> Vault:
+def _vault(args: argparse.Namespace, config: EnclaveConfig, config_bytes: bytes, limits: dict[str, float]) -> Vault:
     from .attestation import AttestationProvider, DevProvider, NsmProvider
     from .kms import KmsClient, KmsConfig
 
@@ -107,11 +135,14 @@ def _vault(args: argparse.Namespace, config: EnclaveConfig, config_bytes: bytes)
         DevProvider(Path(args.dev_pki), config_bytes) if config.attestation == "dev" else NsmProvider()
     )
     settings = VaultSettings(
-        max_concurrent_unwraps=int(_env("ENCLAVE_MAX_CONCURRENT_UNWRAPS", "4")),
-        unwrap_timeout_s=float(_env("ENCLAVE_UNWRAP_TIMEOUT_S", "30")),
-        cache_entries=int(_env("ENCLAVE_DEK_CACHE_ENTRIES", "1024")),
-        cache_ttl_s=float(_env("ENCLAVE_DEK_TTL_S", "3600")),
-        cache_max_uses=int(_env("ENCLAVE_DEK_MAX_USES", "10000000")),
+        max_concurrent_unwraps=int(limits["ENCLAVE_MAX_CONCURRENT_UNWRAPS"]),
+        unwrap_timeout_s=limits["ENCLAVE_UNWRAP_TIMEOUT_S"],
+        cache_entries=int(limits["ENCLAVE_DEK_CACHE_ENTRIES"]),
+        cache_ttl_s=limits["ENCLAVE_DEK_TTL_S"],
+        cache_max_uses=int(limits["ENCLAVE_DEK_MAX_USES"]),
+        max_keys=int(limits["ENCLAVE_MAX_KEYS"]),
+        max_key_bytes=int(limits["ENCLAVE_MAX_KEY_BYTES"]),
+        max_open_keys=int(limits["ENCLAVE_MAX_OPEN_KEYS"]),
     )
     return Vault(kms, provider, config, settings)
 

@@ -54,7 +54,6 @@ class EnclaveServer:
         handler: str = "sign",
         vault: Vault | None = None,
         auth: Authenticator | None = None,
-        max_keys: int = 1_000_000,
         transport: Transport | None = None,
     ) -> None:
         if handler == "sign" and vault is None:
@@ -65,7 +64,6 @@ class EnclaveServer:
         self.credits = credits
         self.handler = handler
         self.vault = vault
-        self.max_keys = max_keys
         self.identity = Identity()
         self.operations = OperationVerifier(vault.config, self.identity) if vault is not None else None
         self.service: SigningService | NoopService = (
@@ -169,9 +167,7 @@ class EnclaveServer:
             raise Refused(Code.INVALID_ARGUMENT, f"keys must be a list of at most {MAX_LOAD_KEYS}")
         envelopes = [KeyringEnvelope.from_wire(m) for m in envs]  # a RecordError is the refusal (invalid_record)
         sealed = [SealedKey.from_wire(m) for m in keys]
-        new = sum(1 for k in sealed if k.key_id not in vault.sealed)
-        if len(vault.sealed) + new > self.max_keys:
-            raise Refused(Code.TOO_MANY_KEYS, f"this enclave holds at most {self.max_keys} keys")
+        # keys past the vault's bounds push out the least recently used ones (pushed again when needed)
         new_envs = {(e.keyring_id, e.dek_version) for e in envelopes} - vault.envelopes.keys()
         if len(vault.envelopes) + len(new_envs) > MAX_ENVELOPES:
             raise Refused(Code.TOO_MANY_KEYS, f"this enclave holds at most {MAX_ENVELOPES} keyring versions")

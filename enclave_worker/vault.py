@@ -3,7 +3,12 @@
 - One KMS Decrypt opens a whole keyring (all its wallet keys): "batched unwraps".
 - Concurrent requests needing the same data key share one KMS call (single-flight);
   distinct data keys are unwrapped with bounded concurrency.
-- Unwrapped data keys live in a bounded, TTL'd DataKeyCache.
+- Unwrapped data keys live in a bounded, TTL'd DataKeyCache, with at most
+  ``max_open_keys`` opened wallet keys.
+- The sealed records the host pushes are held in a bounded LRU (`SealedKeys`, at
+  most ``max_keys`` records and ``max_key_bytes`` bytes): the host's store may be
+  far larger than what one enclave holds. A request for a record dropped here is
+  answered ``unknown_key``, and the host pushes the record again.
 - Every Decrypt/GenerateDataKey carries a Recipient: an attestation document
   with this process's RSA-2048 public key (generated once, reused), so KMS
   answers only with CMS EnvelopedData that this process alone can open.
@@ -17,10 +22,12 @@ import contextlib
 import secrets
 import time
 from bisect import bisect_left
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
+import msgpack
 import structlog
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -53,6 +60,67 @@ class VaultSettings:
     cache_entries: int = 1024
     cache_ttl_s: float = 3600.0
     cache_max_uses: int = 10_000_000
+    max_keys: int = 100_000  # sealed records held (least recently used dropped past it)
+    max_key_bytes: int = 64 * 1024 * 1024  # their bytes, as SealedKeys.size counts them
+    max_open_keys: int = 20_000  # opened wallet keys kept, across all data keys
+
+
+class SealedKeys:
+    """The sealed key records the host has pushed, by key id, least recently used first, bounded by
+    count and bytes: past either bound the least recently used records are dropped (``on_drop`` is
+    told, so their opened wallets go too). Nothing here is believed until it opens."""
+
+    def __init__(self, max_keys: int, max_bytes: int, on_drop: Callable[[SealedKey], None]) -> None:
+        self.max_keys, self.max_bytes = max_keys, max_bytes
+        self._on_drop = on_drop
+        self._records: OrderedDict[str, SealedKey] = OrderedDict()
+        self._sizes: dict[str, int] = {}
+        self.bytes = 0
+        self.evictions = 0
+
+    @staticmethod
+    def size(key: SealedKey) -> int:
+        """What a record costs here, counted from its fields (plus a fixed overhead per record)."""
+        policy = len(msgpack.packb(key.policy, use_bin_type=True)) if key.policy is not None else 0
+        return (256 + len(key.key_id) + len(key.keyring_id) + len(key.scheme) + len(key.public_key)
+                + len(key.address or "") + len(key.nonce) + len(key.ciphertext) + policy)  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, key_id: object) -> bool:
+        return key_id in self._records
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._records))
+
+    def values(self) -> list[SealedKey]:
+        return list(self._records.values())
+
+    def get(self, key_id: str) -> SealedKey | None:
+        """The record, marked as just used."""
+        key = self._records.get(key_id)
+        if key is not None:
+            self._records.move_to_end(key_id)
+        return key
+
+    def peek(self, key_id: str) -> SealedKey | None:
+        return self._records.get(key_id)
+
+    def put(self, key: SealedKey) -> None:
+        size = self.size(key)
+        old = self._sizes.pop(key.key_id, None)
+        if old is not None:
+            self.bytes -= old
+            del self._records[key.key_id]
+        self._records[key.key_id] = key
+        self._sizes[key.key_id] = size
+        self.bytes += size
+        while len(self._records) > 1 and (len(self._records) > self.max_keys or self.bytes > self.max_bytes):
+            key_id, dropped = self._records.popitem(last=False)
+            self.bytes -= self._sizes.pop(key_id)
+            self.evictions += 1
+            self._on_drop(dropped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,10 +155,11 @@ class Vault:
         self._import_rsa = rsa.generate_private_key(65537, 2048)
         self.import_spki = _spki(self._import_rsa)
         s = self.settings
-        self.cache = DataKeyCache(s.cache_entries, s.cache_ttl_s, s.cache_max_uses)
+        self.cache = DataKeyCache(s.cache_entries, s.cache_ttl_s, s.cache_max_uses, max_opened=s.max_open_keys)
         self.envelopes: dict[tuple[str, int], KeyringEnvelope] = {}
         self.current: dict[str, int] = {}  # keyring_id -> current DEK version
-        self.sealed: dict[str, SealedKey] = {}  # as the host supplied them: untrusted until opened
+        # as the host supplied them: untrusted until opened; bounded, least recently used dropped first
+        self.sealed = SealedKeys(s.max_keys, s.max_key_bytes, lambda key: self.cache.forget_wallet(key.key_id))
         self._inflight: dict[tuple[str, int], asyncio.Task[CachedDataKey]] = {}
         self._sem: asyncio.Semaphore | None = None
         self._keyring_locks: dict[str, asyncio.Lock] = {}
@@ -113,12 +182,12 @@ class Vault:
             if env.dek_version >= self.current.get(env.keyring_id, 0):
                 self.current[env.keyring_id] = env.dek_version
         for key in keys:
-            have = self.sealed.get(key.key_id)
+            have = self.sealed.peek(key.key_id)
             if have is None or key.dek_version >= have.dek_version:
                 if have is not None and have != key:
                     # a different record for the same key: nothing opened from the old one may be used
                     self.cache.forget_wallet(key.key_id)
-                self.sealed[key.key_id] = key
+                self.sealed.put(key)
 
     # -- the signing path -------------------------------------------------------------------------------
 
@@ -131,7 +200,7 @@ class Vault:
         if entry is None:
             return None
         entry.uses += 1
-        opened = entry.wallets.get(key_id)
+        opened = self.cache.opened(entry, key_id)
         if opened is not None and opened.record is sealed:
             return cast(OpenedKey, opened)
         return self._open(entry, sealed)
@@ -169,7 +238,7 @@ class Vault:
             detail = exc.message if isinstance(exc, PolicyError) else str(exc)
             raise Refused(Code.INVALID_POLICY, f"the key's sealed policy is not accepted: {detail}") from None
         opened = OpenedKey(sealed, wallet, policy)
-        entry.wallets[sealed.key_id] = opened
+        self.cache.keep_opened(entry, sealed.key_id, opened)
         return opened
 
     async def data_key(self, keyring_id: str, version: int, deadline: float) -> CachedDataKey:
@@ -299,8 +368,8 @@ class Vault:
                 unseal(entry.aead, sealed)  # it opens, or no receipt is given for it
         finally:
             secret[:] = bytes(len(secret))
-        self.sealed[key_id] = sealed
-        entry.wallets[key_id] = OpenedKey(sealed, wallet, parse_policy(policy))
+        self.sealed.put(sealed)
+        self.cache.keep_opened(entry, key_id, OpenedKey(sealed, wallet, parse_policy(policy)))
         envelope = new_env.to_wire() if new_env else None
         return {"key": sealed.describe(), "sealed": sealed.to_wire(), "envelope": envelope,
                 "attested": self.attested(sealed, env)}  # fmt: skip
@@ -365,7 +434,7 @@ class Vault:
             entry = self.cache.put(keyring_id, version + 1, dek)  # commit: nothing below can fail
             self.load([new_env], resealed)
             for again, key in zip(resealed, opened, strict=True):
-                entry.wallets[again.key_id] = OpenedKey(again, key.wallet, key.policy)
+                self.cache.keep_opened(entry, again.key_id, OpenedKey(again, key.wallet, key.policy))
             self.cache.drop(keyring_id, version)  # the old data key is no longer needed here
             return {"envelope": new_env.to_wire(), "sealed": [s.to_wire() for s in resealed],
                     "attested": {"keyring": keyring_id, "dek_version": version + 1, "kms_key_arn": new_env.kms_key_id,
@@ -401,6 +470,10 @@ class Vault:
             "cache_evictions": self.cache.evictions,
             "cache_entries": len(self.cache),
             "keys_loaded": len(self.sealed),
+            "key_bytes": self.sealed.bytes,
+            "keys_evicted": self.sealed.evictions,
+            "keys_opened": self.cache.opened_count,
+            "opened_evicted": self.cache.opened_evictions,
         }
 
     async def close(self) -> None:

@@ -19,9 +19,19 @@ from enclave_worker.__main__ import main
         ("ENCLAVE_REPLAY_CACHE", "0"),
         ("ENCLAVE_REPLAY_CACHE", "-1"),
         ("ENCLAVE_REPLAY_CACHE", "x"),
+        # cache and wait bounds: none may be unbounded (a NaN unwrap timeout would make every wait endless)
+        ("ENCLAVE_UNWRAP_TIMEOUT_S", "nan"),
+        ("ENCLAVE_UNWRAP_TIMEOUT_S", "inf"),
+        ("ENCLAVE_DEK_TTL_S", "nan"),
+        ("ENCLAVE_DEK_CACHE_ENTRIES", "1e9"),
+        ("ENCLAVE_MAX_CONCURRENT_UNWRAPS", "0"),
+        ("ENCLAVE_MAX_KEYS", "100000000"),
+        ("ENCLAVE_MAX_KEYS", "x"),
+        ("ENCLAVE_MAX_KEY_BYTES", "99999999999"),
+        ("ENCLAVE_MAX_OPEN_KEYS", "0"),
     ],
 )
-def test_an_out_of_bounds_authentication_setting_stops_the_enclave_at_start(
+def test_an_out_of_bounds_setting_stops_the_enclave_at_start(
     name: str, value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv(name, value)
