@@ -154,8 +154,15 @@ class EnclaveStatsCollector(Collector):
         "cache_hits": "Data key cache hits",
         "cache_misses": "Data key cache misses",
         "cache_evictions": "Data keys evicted (and wiped)",
+        "keys_evicted": "Sealed key records let go (least recently used, past ENCLAVE_MAX_KEYS or _BYTES)",
+        "opened_evicted": "Opened wallet keys let go (least recently used, past ENCLAVE_MAX_OPEN_KEYS)",
     }
-    GAUGES = {"cache_entries": "Data keys cached", "keys_loaded": "Sealed wallet keys loaded"}
+    GAUGES = {
+        "cache_entries": "Data keys cached",
+        "keys_loaded": "Sealed key records held",
+        "key_bytes": "Bytes of sealed key records held (as ENCLAVE_MAX_KEY_BYTES counts them)",
+        "keys_opened": "Opened wallet keys kept",
+    }
 
     def __init__(self, source: Callable[[], dict[str, dict[str, Any]]], registry: CollectorRegistry) -> None:
         self._source = source  # enclave_id -> latest stats
