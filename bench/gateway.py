@@ -40,7 +40,7 @@ from broker.clients import result_producer
 from broker.topics import TopicLayout
 from signer.topology import Topology
 
-from .harness import progress, rss_kb
+from .harness import cpu_seconds, progress, rss_kb
 
 
 @dataclass
@@ -128,7 +128,7 @@ class _KafkaPath:
 
 async def _overhead(
     http: aiohttp.ClientSession, url: str, direct: _KafkaPath, key: dict[str, Any], sigs: _Signatures,
-    profile: GatewayProfile,
+    gateway_pid: int, profile: GatewayProfile,
 ) -> dict[str, Any]:  # fmt: skip
     """Open loop: call i goes out at i / (2 * rate) s, even i through the gateway, odd i straight to Kafka."""
     latencies: dict[str, list[float]] = {"gateway": [], "kafka": []}
@@ -161,6 +161,7 @@ async def _overhead(
         await one("kafka", i, False)
     total = int(profile.rate * profile.seconds) * 2
     tasks: list[asyncio.Task[None]] = []
+    cpu0, own0 = cpu_seconds(gateway_pid), time.process_time()
     t0 = time.perf_counter()
     for i in range(total):
         delay = t0 + i / (2 * profile.rate) - time.perf_counter()
@@ -170,6 +171,7 @@ async def _overhead(
         if i % 200 == 0:
             progress(f"overhead: {i}/{total}")
     await asyncio.gather(*tasks)
+    gateway_cpu, own_cpu = cpu_seconds(gateway_pid) - cpu0, time.process_time() - own0
     gw, kafka = _percentiles(latencies["gateway"]), _percentiles(latencies["kafka"])
     return {
         "rate_per_second_each": profile.rate,
@@ -177,6 +179,10 @@ async def _overhead(
         "gateway": {"calls": len(latencies["gateway"]), "latency_ms": gw, "failures": failures["gateway"]},
         "kafka": {"requests": len(latencies["kafka"]), "latency_ms": kafka, "failures": failures["kafka"]},
         "added_ms": {p: round(gw[p] - kafka[p], 2) for p in ("p50", "p99")},
+        # the gateway process's CPU per call (its idle polling included), and this process's per request
+        # on both paths (the HTTP client, the direct producer and consumer, checking signatures)
+        "gateway_cpu_us_per_call": round(gateway_cpu / max(1, len(latencies["gateway"])) * 1e6),
+        "bench_cpu_us_per_request": round(own_cpu / max(1, total) * 1e6),
     }
 
 
@@ -285,7 +291,7 @@ async def run_gateway_bench(out: Path, profile: GatewayProfile, bootstrap: str =
         await direct.start()
         try:
             async with aiohttp.ClientSession(headers=headers) as http:
-                overhead = await _overhead(http, url, direct, key, sigs, profile)
+                overhead = await _overhead(http, url, direct, key, sigs, gateway.pid, profile)
         finally:
             await direct.stop()
         load = await _load(url, headers, key, sigs, gateway.pid, profile)
@@ -322,6 +328,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"| HTTP gateway (`POST /v1/sign`) | {o['gateway']['calls']} | {gw['p50']} | {gw['p99']} "
         f"| {o['gateway']['failures']} |",
         f"| added by the gateway | | {o['added_ms']['p50']} | {o['added_ms']['p99']} | |",
+        "",
+        f"CPU: the gateway process {o['gateway_cpu_us_per_call']} us per call; the bench process "
+        f"{o['bench_cpu_us_per_request']} us per request (both paths, the HTTP client included).",
         "",
         f"## {ld['callers']} concurrent callers for {ld['seconds']:g} s (closed loop)",
         "",
