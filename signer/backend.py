@@ -23,7 +23,7 @@ from schemas.refusals import Code
 from .channel import EnclaveConnection
 from .credentials import Credentials
 from .keys import KeyManager, load_frames
-from .keystore import KeyStore
+from .keystore import KeyStore, KeyStoreError
 from .metrics import HostMetrics
 from .pool import EnclavePool, PoolSettings
 
@@ -127,8 +127,13 @@ class EnclaveBackend:
             await conn.key_op("keyrings.load", args)
 
     async def reload_keys(self, key_ids: set[str]) -> set[str]:
-        """Keys another host created: read the store up to now and load those found into every enclave."""
-        await self.store.refresh()
+        """Keys another host created: read the store up to now and load those found into every enclave.
+        A store that cannot be read now finds nothing (the requests stay unknown_key); it is logged."""
+        try:
+            await self.store.refresh()
+        except KeyStoreError as exc:
+            log.warning("keystore_refresh_failed", store=self.store.url, error=str(exc)[:300])
+            return set()
         sealed = [s for k in key_ids if (s := self.store.get_key(k)) is not None]
         if sealed:
             rings = {s.keyring_id for s in sealed}

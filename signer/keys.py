@@ -17,7 +17,7 @@ from schemas.records import KeyringEnvelope, SealedKey
 from schemas.refusals import Code, Refused
 
 from .channel import ChannelClosed
-from .keystore import KeyringConflict, KeyStore
+from .keystore import KeyringConflict, KeyStore, KeyStoreError
 from .pool import EnclavePool
 
 log = structlog.get_logger("keys")
@@ -86,6 +86,8 @@ class KeyManager:
                 return await self._rotate(args)
         except ChannelClosed as exc:
             raise KeyOpError(Code.ENCLAVE_UNAVAILABLE, str(exc)) from None
+        except KeyStoreError as exc:  # the catalogue has no code of its own for this yet
+            raise KeyOpError(Code.INTERNAL, f"the key store could not be read or written ({exc}); retry") from None
         except KeyOpError:
             raise
         except (ValueError, KeyError, TypeError) as exc:  # a malformed enclave reply: an error reply, not a stop

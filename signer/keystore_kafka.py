@@ -56,7 +56,7 @@ log = structlog.get_logger("keystore")
 
 class KafkaKeyStore(ViewedKeyStore):
     def __init__(
-        self, bootstrap: str, topic: str = "sign.keys", *, read_timeout_s: float = 30.0,
+        self, bootstrap: str, topic: str = "sign.keys", *, read_timeout_s: float = 10.0,
         topic_configs: Mapping[str, str] | None = None, replication_factor: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
@@ -114,8 +114,9 @@ class KafkaKeyStore(ViewedKeyStore):
         """Return once the view holds every record up to the topic's end offset as of now."""
         consumer = self._running()
         try:
-            end = (await consumer.end_offsets([self._tp]))[self._tp]
-        except KafkaError as exc:
+            async with asyncio.timeout(self.read_timeout_s):
+                end = (await consumer.end_offsets([self._tp]))[self._tp]
+        except (KafkaError, TimeoutError) as exc:
             raise KeyStoreError(f"{self.url}: cannot read the end offset of {self.topic}: {exc!r}") from None
         await self._caught_up(end)
 
@@ -141,7 +142,12 @@ class KafkaKeyStore(ViewedKeyStore):
         """The tail: apply records in offset order; wake whoever waits for a position."""
         try:
             while True:
-                batches = await consumer.getmany(self._tp, timeout_ms=500, max_records=5000)
+                try:
+                    batches = await consumer.getmany(self._tp, timeout_ms=500, max_records=5000)
+                except KafkaError as exc:  # the consumer reconnects by itself; this read is retried
+                    log.warning("keystore_read_failed", store=self.url, error=repr(exc)[:200])
+                    await asyncio.sleep(0.5)
+                    continue
                 for records in batches.values():
                     for record in records:
                         self._apply(record.offset, record.key, record.value)

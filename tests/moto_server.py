@@ -5,6 +5,7 @@ to it as they would to AWS (it enforces S3 If-None-Match and DynamoDB ConditionE
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from typing import Any
@@ -14,6 +15,7 @@ from werkzeug.serving import make_server
 
 
 def main() -> None:
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     app = DomainDispatcherApplication(create_backend_app)
     server = make_server("127.0.0.1", 0, app, threaded=True)  # bound and listening before READY
 
