@@ -395,7 +395,7 @@ def read_keys(url: str) -> list[SealedKey]:
             from .config import HostConfig
 
             bootstrap = HostConfig.from_env().bootstrap
-        store = open_keystore(url, bootstrap=bootstrap)
+        store = open_keystore(url, bootstrap=bootstrap, writer=False) if bootstrap else open_keystore(url)
         if isinstance(store, DirectoryKeyStore):  # read only: no directory is created
             await store.refresh()
             return store.keys()

@@ -57,9 +57,10 @@ log = structlog.get_logger("keystore")
 class KafkaKeyStore(ViewedKeyStore):
     def __init__(
         self, bootstrap: str, topic: str = "sign.keys", *, read_timeout_s: float = 10.0,
-        topic_configs: Mapping[str, str] | None = None, replication_factor: int | None = None,
+        topic_configs: Mapping[str, str] | None = None, replication_factor: int | None = None, writer: bool = True,
     ) -> None:  # fmt: skip
         super().__init__()
+        self.writer = writer  # False: a reader only (no producer; a missing topic is an empty store)
         self.bootstrap, self.topic = bootstrap, topic
         self.url = "kafka://" if topic == "sign.keys" else f"kafka:///{topic}"
         self.read_timeout_s = read_timeout_s
@@ -77,17 +78,21 @@ class KafkaKeyStore(ViewedKeyStore):
 
     async def start(self) -> None:
         """Create the topic if it is missing, read it to its end, and go on tailing it."""
-        await ensure_keys_topic(self.bootstrap, self.topic, replication_factor=self.replication_factor,
-                                configs=self.topic_configs)  # fmt: skip
+        if self.writer:
+            await ensure_keys_topic(self.bootstrap, self.topic, replication_factor=self.replication_factor,
+                                    configs=self.topic_configs)  # fmt: skip
         try:
-            self._producer = result_producer(self.bootstrap, client_id="signer-keystore", linger_ms=0)
-            await self._producer.start()
+            if self.writer:
+                self._producer = result_producer(self.bootstrap, client_id="signer-keystore", linger_ms=0)
+                await self._producer.start()
             self._consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.bootstrap, client_id="signer-keystore", group_id=None,
                 enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=100,
                 max_partition_fetch_bytes=4 * 1024 * 1024,
             )  # fmt: skip
             await self._consumer.start()
+            if not self.writer and self.topic not in await self._consumer.topics():
+                return  # nothing stored yet; this reader has nothing to tail
             self._consumer.assign([self._tp])
             await self._consumer.seek_to_beginning(self._tp)
             self._tail = asyncio.create_task(self._read(self._consumer), name=f"keystore-tail-{self.topic}")
@@ -185,7 +190,8 @@ class KafkaKeyStore(ViewedKeyStore):
 
     def _producer_running(self) -> AIOKafkaProducer:
         self._running()
-        assert self._producer is not None
+        if self._producer is None:
+            raise KeyStoreError(f"{self.url}: opened for reading only")
         return self._producer
 
     async def put_envelope(self, env: KeyringEnvelope) -> None:

@@ -20,7 +20,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from schemas.records import KeyringEnvelope, SealedKey
-from signer.keystore import KeyringConflict, KeyStore, dek_tag, open_keystore
+from signer.keystore import KeyringConflict, KeyStore, dek_tag, open_keystore, read_keys
 from signer.topology import ChildProcess
 from tests.moto_server import AWS_TEST_ENV, aws_client, create_table
 
@@ -275,3 +275,15 @@ async def test_kafka_the_lowest_offset_envelope_wins_whoever_reads(bootstrap: st
     finally:
         for store in place.opened:
             await store.close()
+
+
+async def test_a_snapshot_reader_sees_the_current_keys(place: Place, monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_keys: what a reader that holds no store (the gateway's public key directory) gets."""
+    monkeypatch.setenv("KAFKA_BOOTSTRAP", place.bootstrap or "127.0.0.1:1")
+    assert await asyncio.to_thread(read_keys, place.url) == []  # nothing stored yet: nothing created either
+    store = await place.store()
+    env = envelope("snap")
+    keys = [sealed("snap") for _ in range(2)]
+    await store.put_envelope(env)
+    await store.put_keys(env, keys)
+    assert wire(await asyncio.to_thread(read_keys, place.url)) == wire(keys)
