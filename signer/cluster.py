@@ -77,7 +77,11 @@ class DataDirLock:
 def _keystore(settings: HostConfig) -> str:
     """SIGNER_KEYSTORE (or the deprecated SIGNER_KEYSTORE_DIR) if set, else kafka://: the cluster's
     own Kafka, the store a cluster of hosts shares."""
-    if os.environ.get("SIGNER_KEYSTORE") or os.environ.get("SIGNER_KEYSTORE_DIR"):
+    from .config import load_config_file
+
+    path = os.environ.get("SIGNER_CONFIG_FILE")
+    chosen = {**(load_config_file(path) if path else {}), **os.environ}
+    if chosen.get("SIGNER_KEYSTORE") or chosen.get("SIGNER_KEYSTORE_DIR"):
         return settings.keystore
     return "kafka://"
 

@@ -228,6 +228,7 @@ class HostConfig:
             "SIGNER_ENCLAVE_WAIT_S": _whole("SIGNER_ENCLAVE_WAIT_S", self.enclave_wait_s, 1),
             "SIGNER_SHUTDOWN_TIMEOUT_S": _whole("SIGNER_SHUTDOWN_TIMEOUT_S", self.shutdown_timeout_s, 1),
             "SIGNER_KEYSTORE": self.keystore,
+            "SIGNER_KEYSTORE_DIR": "",  # an inherited deprecated setting must not contradict SIGNER_KEYSTORE
             "SIGNER_DEFAULT_KEYRING": self.default_keyring,
             "SIGNER_KMS_CREDENTIALS_FILE": self.kms_credentials_file,
             "SIGNER_MAX_IN_FLIGHT": str(self.max_in_flight),
