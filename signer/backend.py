@@ -127,13 +127,14 @@ class EnclaveBackend:
             await conn.key_op("keyrings.load", args)
 
     async def reload_keys(self, key_ids: set[str]) -> set[str]:
-        """Keys another host created: read the store up to now and load those found into every enclave.
-        A store that cannot be read now finds nothing (the requests stay unknown_key); it is logged."""
-        try:
-            await self.store.refresh()
-        except KeyStoreError as exc:
-            log.warning("keystore_refresh_failed", store=self.store.url, error=str(exc)[:300])
-            return set()
+        """Keys another host created (or an enclave let go): read the store up to now if this host's view
+        lacks any of them, and load those found into every enclave. A store that cannot be read now finds
+        only what the view holds (the rest stay unknown_key); it is logged."""
+        if any(self.store.get_key(k) is None for k in key_ids):
+            try:
+                await self.store.refresh()
+            except KeyStoreError as exc:
+                log.warning("keystore_refresh_failed", store=self.store.url, error=str(exc)[:300])
         sealed = [s for k in key_ids if (s := self.store.get_key(k)) is not None]
         if sealed:
             rings = {s.keyring_id for s in sealed}
