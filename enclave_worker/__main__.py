@@ -17,6 +17,7 @@ import socket
 import sys
 from pathlib import Path
 
+from schemas.frames import MAX_ENCLAVE_ID_CHARS
 from schemas.logs import configure_logging
 from schemas.transport import TransportUrlError, parse_channel_url
 
@@ -35,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--listen", default=_env("ENCLAVE_LISTEN", "vsock://4294967295:5000"),
                     help="vsock://CID:PORT, unix:///path or tcp://host:port")  # fmt: skip
     ap.add_argument("--enclave-id", default=_env("ENCLAVE_ID", socket.gethostname()))
-    ap.add_argument("--credits", type=int, default=int(_env("ENCLAVE_CREDITS", "4096")),
-                    help="requests the host may have in flight per connection")  # fmt: skip
+    ap.add_argument("--credits", default=_env("ENCLAVE_CREDITS", "4096"),
+                    help="requests the host may have in flight per connection (1-100,000)")  # fmt: skip
     ap.add_argument("--handler", choices=["sign", "noop"], default=_env("ENCLAVE_HANDLER", "sign"),
                     help="noop: answer without signing (channel benchmarks and tests only)")  # fmt: skip
     ap.add_argument("--config", default=_env("ENCLAVE_CONFIG", DEFAULT_CONFIG_PATH),
@@ -59,8 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         parse_channel_url(args.listen)
     except TransportUrlError as exc:
         return _fail(str(exc))
-    if args.credits < 1:
-        return _fail("--credits must be at least 1")
+    try:
+        credits = int(args.credits)
+    except ValueError:
+        credits = 0
+    if not 1 <= credits <= 100_000:
+        return _fail(f"--credits / ENCLAVE_CREDITS={args.credits!r}: must be an integer between 1 and 100,000")
+    if not 1 <= len(args.enclave_id) <= MAX_ENCLAVE_ID_CHARS:
+        return _fail(f"--enclave-id / ENCLAVE_ID must be 1-{MAX_ENCLAVE_ID_CHARS} characters (hosts refuse longer)")
     # these come from the host's environment: each bounded, so that no value turns a check off (a NaN
     # window would make every request fresh) or lets the enclave hold or wait without bound
     try:
@@ -74,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"--dev-pki {args.dev_pki!r} holds no dev PKI (start the dev KMS first: python -m devkms)")
         vault = _vault(args, config, config_bytes, limits)
     auth = Authenticator(window_s=limits["ENCLAVE_AUTH_WINDOW_S"], replay_capacity=int(limits["ENCLAVE_REPLAY_CACHE"]))
-    server = EnclaveServer(args.listen, args.enclave_id, args.credits, args.handler, vault, auth)
+    server = EnclaveServer(args.listen, args.enclave_id, credits, args.handler, vault, auth)
     asyncio.run(_run(server))
     return 0
 

@@ -41,7 +41,7 @@ MAX_KEY_OPS_IN_FLIGHT = 8  # per connection; a host that sends more loses the co
 MAX_LOAD_ENVELOPES = 1_000  # per keyrings.load frame
 MAX_LOAD_KEYS = 5_000  # per keyrings.load frame
 MAX_LIST_KEYS = 10_000
-MAX_ENVELOPES = 100_000  # keyring versions held
+MAX_ENVELOPES = 10_000  # keyring versions held (each at most ~1.5 KiB)
 MAX_DEFERRED_BYTES = 32 * 1024 * 1024  # request bytes per connection waiting for a keyring unwrap
 
 
@@ -170,7 +170,7 @@ class EnclaveServer:
         # keys past the vault's bounds push out the least recently used ones (pushed again when needed)
         new_envs = {(e.keyring_id, e.dek_version) for e in envelopes} - vault.envelopes.keys()
         if len(vault.envelopes) + len(new_envs) > MAX_ENVELOPES:
-            raise Refused(Code.TOO_MANY_KEYS, f"this enclave holds at most {MAX_ENVELOPES} keyring versions")
+            raise Refused(Code.TOO_MANY_KEYS, f"this enclave holds at most {MAX_ENVELOPES:,} keyring versions")
         vault.load(envelopes, sealed)
         return {"keyrings": len(vault.current), "keys": len(vault.sealed)}
 
@@ -206,7 +206,10 @@ class EnclaveServer:
     async def _op_rotate(self, args: dict[str, Any]) -> dict[str, Any]:
         operation = self._signed("keys.rotate_dek", args)
         keyring = _name(operation.args, "keyring")
-        result = await self._vault().rotate_dek(keyring)
+        expected = args.get("keys_expected")  # the host's count: it can only make its own rotation fail
+        if expected is not None and (type(expected) is not int or not 0 <= expected <= 10_000_000):
+            raise Refused(Code.INVALID_ARGUMENT, "keys_expected must be an integer between 0 and 10,000,000")
+        result = await self._vault().rotate_dek(keyring, expected)
         log.info("dek_rotated", keyring=keyring, keys=len(result["sealed"]), operators=operation.approved_by)
         return self._receipt(operation, result)
 

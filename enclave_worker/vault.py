@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
-import msgpack
 import structlog
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -65,6 +64,25 @@ class VaultSettings:
     max_open_keys: int = 20_000  # opened wallet keys kept, across all data keys
 
 
+NODE_BYTES = 128  # what SealedKeys.size charges per value in a policy (a small Python object and its slot)
+
+
+def _nodes(policy: Any) -> int:
+    """Values in a policy (maps, lists, keys and scalars); a policy is shallow and at most 64 KiB encoded."""
+    if policy is None:
+        return 0
+    count, stack = 0, [policy]
+    while stack:
+        obj = stack.pop()
+        count += 1
+        if type(obj) is dict:
+            count += len(obj)  # the keys
+            stack.extend(obj.values())
+        elif type(obj) is list:
+            stack.extend(obj)
+    return count
+
+
 class SealedKeys:
     """The sealed key records the host has pushed, by key id, least recently used first, bounded by
     count and bytes: past either bound the least recently used records are dropped (``on_drop`` is
@@ -80,10 +98,12 @@ class SealedKeys:
 
     @staticmethod
     def size(key: SealedKey) -> int:
-        """What a record costs here, counted from its fields (plus a fixed overhead per record)."""
-        policy = len(msgpack.packb(key.policy, use_bin_type=True)) if key.policy is not None else 0
+        """What a record costs here: its fields, its associated data (computed now, once, and kept),
+        a fixed overhead per record, and NODE_BYTES per value in its policy (a decoded empty list
+        costs a Python object, whatever its one encoded byte)."""
         return (256 + len(key.key_id) + len(key.keyring_id) + len(key.scheme) + len(key.public_key)
-                + len(key.address or "") + len(key.nonce) + len(key.ciphertext) + policy)  # fmt: skip
+                + len(key.address or "") + len(key.nonce) + len(key.ciphertext) + len(key.aad())
+                + NODE_BYTES * _nodes(key.policy))  # fmt: skip
 
     def __len__(self) -> int:
         return len(self._records)
@@ -159,7 +179,9 @@ class Vault:
         self.envelopes: dict[tuple[str, int], KeyringEnvelope] = {}
         self.current: dict[str, int] = {}  # keyring_id -> current DEK version
         # as the host supplied them: untrusted until opened; bounded, least recently used dropped first
-        self.sealed = SealedKeys(s.max_keys, s.max_key_bytes, lambda key: self.cache.forget_wallet(key.key_id))
+        self.sealed = SealedKeys(s.max_keys, s.max_key_bytes, self._dropped)
+        # records that did not open, with why: asked again, the same record object is refused at once
+        self._unopenable: dict[str, tuple[SealedKey, Refused]] = {}
         self._inflight: dict[tuple[str, int], asyncio.Task[CachedDataKey]] = {}
         self._sem: asyncio.Semaphore | None = None
         self._keyring_locks: dict[str, asyncio.Lock] = {}
@@ -170,6 +192,11 @@ class Vault:
 
     # -- loading what the host stores -------------------------------------------------------------
 
+    def _dropped(self, key: SealedKey) -> None:
+        """A record the bounded store let go: nothing opened from it, or known about it, is kept."""
+        self.cache.forget_wallet(key.key_id)
+        self._unopenable.pop(key.key_id, None)
+
     def load(self, envelopes: list[KeyringEnvelope], keys: list[SealedKey]) -> None:
         """Take the host's records. Nothing in them is believed until a record opens: an
         envelope under a KMS key outside the configuration is kept out altogether."""
@@ -178,7 +205,14 @@ class Vault:
                 raise Refused(Code.KMS_KEY_NOT_ALLOWED, f"keyring {env.keyring_id}: its KMS key is not in this "
                               "enclave's configuration")  # fmt: skip
         for env in envelopes:
-            self.envelopes[(env.keyring_id, env.dek_version)] = env
+            slot = (env.keyring_id, env.dek_version)
+            held = self.envelopes.get(slot)
+            if held is not None and held != env:
+                # another envelope for this version (a creation race another host won, or a host's
+                # swap): nothing unwrapped, opened or refused under the one it replaces stands
+                self.cache.drop(*slot)
+                self._unopenable.clear()
+            self.envelopes[slot] = env
             if env.dek_version >= self.current.get(env.keyring_id, 0):
                 self.current[env.keyring_id] = env.dek_version
         for key in keys:
@@ -187,6 +221,7 @@ class Vault:
                 if have is not None and have != key:
                     # a different record for the same key: nothing opened from the old one may be used
                     self.cache.forget_wallet(key.key_id)
+                    self._unopenable.pop(key.key_id, None)
                 self.sealed.put(key)
 
     # -- the signing path -------------------------------------------------------------------------------
@@ -219,6 +254,19 @@ class Vault:
         raise Refused(Code.KEY_UNSTABLE, "the key's record kept changing while its keyring was unwrapped")
 
     def _open(self, entry: CachedDataKey, sealed: SealedKey) -> OpenedKey:
+        failed = self._unopenable.get(sealed.key_id)
+        if failed is not None and failed[0] is sealed:  # this very record did not open before
+            raise Refused(failed[1].code, failed[1].message)
+        try:
+            opened = self._open_record(entry, sealed)
+        except Refused as exc:
+            if self.sealed.peek(sealed.key_id) is sealed:  # remembered only while the record is held
+                self._unopenable[sealed.key_id] = (sealed, exc)
+            raise
+        self.cache.keep_opened(entry, sealed.key_id, opened)
+        return opened
+
+    def _open_record(self, entry: CachedDataKey, sealed: SealedKey) -> OpenedKey:
         try:
             secret = bytearray(unseal(entry.aead, sealed))
         except InvalidTag:
@@ -237,9 +285,7 @@ class Vault:
         except (PolicyError, TypeError, ValueError) as exc:  # e.g. sealed under looser rules: fail closed
             detail = exc.message if isinstance(exc, PolicyError) else str(exc)
             raise Refused(Code.INVALID_POLICY, f"the key's sealed policy is not accepted: {detail}") from None
-        opened = OpenedKey(sealed, wallet, policy)
-        self.cache.keep_opened(entry, sealed.key_id, opened)
-        return opened
+        return OpenedKey(sealed, wallet, policy)
 
     async def data_key(self, keyring_id: str, version: int, deadline: float) -> CachedDataKey:
         entry = self.cache.get(keyring_id, version)
@@ -410,15 +456,21 @@ class Vault:
             raise Refused(Code.INVALID_ARGUMENT, f"not a valid {scheme} private key") from None
         return await self._add_key(keyring_id, scheme, secret, policy)
 
-    async def rotate_dek(self, keyring_id: str) -> dict[str, Any]:
+    async def rotate_dek(self, keyring_id: str, expected_keys: int | None = None) -> dict[str, Any]:
         """A new data key version for the keyring, with every key of the keyring sealed again under
-        it. Atomic: the new version becomes current only once every key is resealed."""
+        it. Atomic: the new version becomes current only once every key is resealed. With
+        `expected_keys` (how many keys the host's store holds for the keyring), a rotation that would
+        reseal fewer - the bounded key store let some go, the keyring is larger than it holds - is
+        refused before anything changes, rather than leave keys behind on the old data key."""
         async with self._lock(keyring_id):
             version = self.current.get(keyring_id)
             if version is None:
                 raise Refused(Code.UNKNOWN_KEYRING, f"no keyring {keyring_id!r}")
             old_entry = await self.data_key(keyring_id, version, time.monotonic() + self.settings.unwrap_timeout_s)
             members = [k for k in self.sealed.values() if k.keyring_id == keyring_id and k.dek_version == version]
+            if expected_keys is not None and len(members) != expected_keys:
+                held = f"keyring {keyring_id}: {len(members)} of its {expected_keys} keys are held here"
+                raise Refused(Code.TOO_MANY_KEYS, f"{held} (ENCLAVE_MAX_KEYS / _BYTES); nothing was rotated")
             opened = [self._open(old_entry, k) for k in members]  # every record authenticated first
             new_env, dek = await self._new_data_key(keyring_id, version + 1)
             aead = AESGCM(dek)

@@ -13,6 +13,7 @@ data key to.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any
 
 import msgpack
@@ -42,8 +43,8 @@ class KeyringEnvelope:
     def from_wire(cls, m: Any) -> KeyringEnvelope:
         """Strict: exact types and bounded sizes (these records come from untrusted storage)."""
         m = _record(m, _ENVELOPE_FIELDS)
-        return cls(_name(m, "keyring_id"), _str(m, "kms_key_id", 256), _version(m), _bytes(m, "encrypted_dek", 8192),
-                   _ms(m))  # fmt: skip
+        return cls(_name(m, "keyring_id"), _str(m, "kms_key_id", 256), _version(m),
+                   _bytes(m, "encrypted_dek", MAX_ENCRYPTED_DEK_BYTES), _ms(m))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,11 @@ class SealedKey:
     policy: dict[str, Any] | None = None  # sealed with the key: part of the associated data
 
     def aad(self) -> bytes:
+        """The associated data (computed once per record object: a policy's canonical form is not free)."""
+        return self._aad
+
+    @cached_property
+    def _aad(self) -> bytes:
         bound: list[Any] = [
             "signer-key/v1",
             self.keyring_id,
@@ -127,6 +133,7 @@ _SEALED_FIELDS = frozenset({"v", "key_id", "keyring_id", "dek_version", "scheme"
                             "ciphertext", "created_ms", "policy"})  # fmt: skip
 
 
+MAX_ENCRYPTED_DEK_BYTES = 1024  # a KMS CiphertextBlob of a 32-byte data key is ~184 bytes
 MAX_POLICY_DEPTH = 6
 MAX_POLICY_BYTES = 64 * 1024  # encoded; a full 1,024-address allow-list is ~45 KiB
 

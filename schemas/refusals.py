@@ -228,7 +228,9 @@ class Code(StrEnum):
     )  # fmt: skip
     TOO_MANY_KEYS = (
         "too_many_keys", None, (_A,),
-        "loading the host's records would exceed the enclave's maximum of keyring versions (100,000)",
+        "loading the host's records would exceed the enclave's maximum of keyring versions (10,000), or a rotation "
+        "would reseal fewer keys than the host's store holds for the keyring (the enclave holds at most "
+        "`ENCLAVE_MAX_KEYS` / `ENCLAVE_MAX_KEY_BYTES` at once)",
     )  # fmt: skip
     UNKNOWN_OP = ("unknown_op", None, (_A,), "the operation is not one the host or the enclave knows")
     UNSUPPORTED = ("unsupported", None, (_A,), "the enclave worker has no key vault (it runs the benchmark handler)")

@@ -166,7 +166,9 @@ class KeyManager:
             members = [k.to_wire() for k in self.store.keys() if k.keyring_id == keyring]
             for load in load_frames([env.to_wire()], members):
                 await self.pool.key_op("keyrings.load", load, enclave_id=enclave_id)
-            reply = await self.pool.key_op("keys.rotate_dek", self._signed(args), enclave_id=enclave_id)
+            # the enclave refuses to rotate unless it holds every one of them (its key store is bounded)
+            signed = {**self._signed(args), "keys_expected": len(members)}
+            reply = await self.pool.key_op("keys.rotate_dek", signed, enclave_id=enclave_id)
             result = self._result(reply)
             new_env = KeyringEnvelope.from_wire(result["envelope"])
             resealed = [SealedKey.from_wire(m) for m in result["sealed"]]

@@ -49,10 +49,10 @@ from .keystore import (
 
 T = TypeVar("T")
 
-_S3_ENVELOPE = re.compile(r"^([A-Za-z0-9_-]{1,64})/envelope\.v(\d+)\.msgpack$")
-_S3_KEY = re.compile(r"^([A-Za-z0-9_-]{1,64})/keys/(k_[0-9a-f]+)\.v(\d+)\.([0-9a-f]{16})\.msgpack$")
-_DDB_ENVELOPE = re.compile(r"^e/([A-Za-z0-9_-]{1,64})/(\d+)$")
-_DDB_KEY = re.compile(r"^k/([A-Za-z0-9_-]{1,64})/(\d+)/([0-9a-f]{16})/(k_[0-9a-f]+)$")
+_S3_ENVELOPE = re.compile(r"^([^/]{1,64})/envelope\.v(\d+)\.msgpack$")
+_S3_KEY = re.compile(r"^([^/]{1,64})/keys/(k_[0-9a-f]+)\.v(\d+)\.([0-9a-f]{16})\.msgpack$")
+_DDB_ENVELOPE = re.compile(r"^e/([^/]{1,64})/(\d+)$")
+_DDB_KEY = re.compile(r"^k/([^/]{1,64})/(\d+)/([0-9a-f]{16})/(k_[0-9a-f]+)$")
 
 
 def _client(service: str, region: str | None, endpoint: str | None, pool: int) -> Any:

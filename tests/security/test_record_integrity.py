@@ -4,6 +4,7 @@ key is created)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +95,49 @@ async def test_a_version_swapped_in_during_create_cannot_mislabel_the_key(stage:
         (res,) = (await channel.results(1)).values()
         assert res["status"] == "ok" and recovered(req, res) == key["address"], res
         await channel.close()
+
+
+async def test_an_envelope_that_won_elsewhere_replaces_the_cached_data_key(tmp_path: Path, sock_dir: Path) -> None:
+    """Two hosts, each with its own key store and enclave, create the same keyring version: each enclave
+    caches its own data key. When the store's winner (host A's) is pushed to the losing enclave B, B
+    must sign A's keys (not answer sealed_key_invalid with its own cached data key until its TTL), and a
+    key created through B afterwards must be sealed under the winner's data key, so that A opens it."""
+    from signer.backend import EnclaveBackend
+    from signer.keystore import open_keystore
+
+    stage = await Stage(tmp_path, sock_dir).start(enclaves=2)
+    backends: list[EnclaveBackend] = []
+    try:
+        assert stage.dev is not None
+        for name, url in zip("ab", stage.urls, strict=True):
+            backend = EnclaveBackend([url], open_keystore(f"dir://{tmp_path / ('store-' + name)}"))
+            await backend.start(ready_timeout=20)
+            backends.append(backend)
+        host_a, host_b = backends
+        op_a, op_b = stage.dev.admin(host_a.handle), stage.dev.admin(host_b.handle)
+        key_a = await op_a.create_key("secp256k1", "kr")  # enclave A: keyring kr version 1, its data key
+        await op_b.create_key("secp256k1", "kr")  # enclave B: its own kr version 1 (it lost the race)
+        # B's store learns who won (as a shared store would have told it), and B's enclave gets the winner
+        shutil.rmtree(tmp_path / "store-b")
+        shutil.copytree(tmp_path / "store-a", tmp_path / "store-b")
+        await host_b.store.refresh()
+        winner = [e.to_wire() for e in host_b.store.envelopes()]
+        a_keys = [k.to_wire() for k in host_b.store.keys()]
+        await host_b.pool.broadcast("keyrings.load", {"envelopes": winner, "keys": a_keys})
+        req = digest_req("a-through-b", key_a["key_id"])
+        res = await host_b.pool.sign(key_a["keyring"], msgpack.packb(req))
+        assert res["status"] == "ok", res
+        assert recovered(req, res) == key_a["address"]
+        # a key created through B now is sealed under the winner's data key: A's enclave opens it
+        key_b2 = await op_b.create_key("secp256k1", "kr")
+        sealed = next(k for k in host_b.store.keys() if k.key_id == key_b2["key_id"])
+        assert sealed.dek_version == 1
+        await host_a.pool.broadcast("keyrings.load", {"envelopes": [], "keys": [sealed.to_wire()]})
+        req = digest_req("b2-through-a", key_b2["key_id"])
+        res = await host_a.pool.sign(key_b2["keyring"], msgpack.packb(req))
+        assert res["status"] == "ok", res
+        assert recovered(req, res) == key_b2["address"]
+    finally:
+        for backend in backends:
+            await backend.close()
+        await stage.stop()

@@ -29,6 +29,9 @@ from enclave_worker.__main__ import main
         ("ENCLAVE_MAX_KEYS", "x"),
         ("ENCLAVE_MAX_KEY_BYTES", "99999999999"),
         ("ENCLAVE_MAX_OPEN_KEYS", "0"),
+        ("ENCLAVE_CREDITS", "x"),  # was a traceback from argparse
+        ("ENCLAVE_CREDITS", "10000000"),
+        ("ENCLAVE_ID", "e" * 200),  # the host would refuse its HELLO: said at start instead
     ],
 )
 def test_an_out_of_bounds_setting_stops_the_enclave_at_start(
