@@ -1,4 +1,5 @@
-"""python -m broker topics --bootstrap HOST:PORT [--partitions 12]: create the topic layout (idempotent).
+"""python -m broker topics --bootstrap HOST:PORT [--partitions 12]: create the topic layout and the
+key store's compacted topic (idempotent).
 python -m broker kafka [--port 9092]: run the local Kafka (KRaft, Maven Central jars) in the foreground.
 python -m broker kafka --brokers 3 [--port 9092]: a three-node cluster (client ports 9092-9094; 0: any)."""
 
@@ -13,17 +14,18 @@ import sys
 
 from .kafka_cluster import LocalKafkaCluster
 from .local_kafka import KafkaUnavailable, LocalKafka
-from .topics import TopicLayout, ensure_topics
+from .topics import TopicLayout, ensure_keys_topic, ensure_topics
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m broker")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("topics", help="create sign.requests, sign.results, sign.dlq, sign.admin(.replies)")
+    t = sub.add_parser("topics", help="create sign.requests, sign.results, sign.dlq, sign.admin(.replies), sign.keys")
     t.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
     t.add_argument("--partitions", type=int, default=int(os.environ.get("SIGNER_REQUEST_PARTITIONS", "12")))
     t.add_argument("--replication-factor", type=int, default=None, help="default: min(3, brokers)")
     t.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the broker")
+    t.add_argument("--keys-topic", default="sign.keys", help="the kafka:// key store's topic ('': none)")
     k = sub.add_parser("kafka", help="run the local Kafka (one node, or --brokers N) until interrupted")
     k.add_argument("--port", type=int, default=9092, help="client port (of node 1 with --brokers; 0: any free port)")
     k.add_argument("--brokers", type=int, default=1, help="nodes, each a broker and controller (default 1)")
@@ -33,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
                                      replication_factor=args.replication_factor)  # fmt: skip
         try:
             asyncio.run(ensure_topics(args.bootstrap, layout, timeout=args.timeout))
+            if args.keys_topic:
+                asyncio.run(ensure_keys_topic(args.bootstrap, args.keys_topic, timeout=args.timeout,
+                                              replication_factor=args.replication_factor))  # fmt: skip
         except TimeoutError:
             print(f"broker: no Kafka answered at {args.bootstrap} within {args.timeout:.0f}s", file=sys.stderr)
             return 2

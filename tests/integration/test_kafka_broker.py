@@ -203,6 +203,27 @@ def test_three_nodes_form_one_cluster_with_a_quorum_of_three(kafka3: LocalKafkaC
                 "unclean.leader.election.enable=false", "group.initial.rebalance.delay.ms=0"} <= set(props)  # fmt: skip
 
 
+async def test_the_topics_command_creates_the_layout_and_the_compacted_keys_topic(bootstrap: str) -> None:
+    """`python -m broker topics` (in process): the five topics and the key store's topic, one partition,
+    compacted; run twice, it changes nothing."""
+    from broker.__main__ import main
+
+    keys_topic = f"keys-{uuid.uuid4().hex[:8]}"
+    args = ["topics", "--bootstrap", bootstrap, "--partitions", "3", "--keys-topic", keys_topic, "--timeout", "60"]
+    assert await asyncio.to_thread(main, args) == 0
+    assert await asyncio.to_thread(main, args) == 0
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([keys_topic])
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, keys_topic)])
+    finally:
+        await admin.close()
+    assert len(described["partitions"]) == 1
+    configs = {c[0]: c[1] for r in responses for res in r.resources for c in res[4]}
+    assert configs["cleanup.policy"] == "compact"
+
+
 async def test_topics_on_three_brokers_get_three_replicas_and_two_in_sync(
     kafka3: LocalKafkaCluster, layout: TopicLayout
 ) -> None:
