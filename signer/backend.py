@@ -1,23 +1,28 @@
 """The enclaves as the host sees them: the pool of connections and the key store, kept in step.
 
 `EnclaveBackend` owns the key store, the `EnclavePool` and the `KeyManager` that relays admin
-operations. It listens to the pool's connect event: a new connection gets the KMS credentials
-and every stored keyring and sealed key before it takes work. Requests are routed by their key's
-keyring (so one enclave keeps a keyring's data key hot); a key the enclaves do not know may have
-been created through another host, so on `unknown_key` the backend re-reads the store, loads
-what it finds into every enclave and asks once more. KMS credentials are handed over again every
-`credentials_every_s` (role credentials rotate).
+operations. It listens to the pool's connect event: a new connection gets the KMS credentials,
+every stored keyring envelope and at most `preload_keys` sealed keys (the most recently created)
+before it takes work; an enclave's other connections, up while it got them, get no keys again.
+Any other key is pushed when it is first asked for: requests are routed by their key's keyring
+(so one enclave keeps a keyring's data key hot), and on `unknown_key` - a key this enclave never
+got or let go (its key cache is bounded), or one created through another host - the backend loads
+it from its view of the store (re-reading the store only if the view lacks it) into every enclave
+and asks once more. KMS credentials are handed over again every `credentials_every_s` (role
+credentials rotate).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 
+from schemas.records import SealedKey
 from schemas.refusals import Code
 
 from .channel import EnclaveConnection
@@ -28,6 +33,10 @@ from .metrics import HostMetrics
 from .pool import EnclavePool, PoolSettings
 
 log = structlog.get_logger("backend")
+
+DEFAULT_PRELOAD_KEYS = 10_000  # SIGNER_PRELOAD_KEYS
+
+Session = tuple[EnclaveConnection, int]  # a connection and its connect count: one unbroken connection
 
 
 class EnclaveBackend:
@@ -41,7 +50,10 @@ class EnclaveBackend:
         default_keyring: str = "default",
         credentials: Callable[[], Credentials | None] | None = None,
         credentials_every_s: float = 300.0,
+        preload_keys: int = DEFAULT_PRELOAD_KEYS,
     ) -> None:
+        if preload_keys < 0:
+            raise ValueError("preload_keys must be >= 0 (SIGNER_PRELOAD_KEYS)")
         self.store = store
         self.metrics = metrics or HostMetrics()
         self.pool = EnclavePool(urls, settings, self.metrics)
@@ -50,6 +62,11 @@ class EnclaveBackend:
         self.credentials_every_s = credentials_every_s
         self._refresher: asyncio.Task[None] | None = None
         self._store_started = False
+        self.preload_keys = preload_keys
+        # per enclave URL: connections that have been up, unbroken, since that enclave process got the
+        # preloaded keys (one of them got them); while one of them is still up, so is that process
+        self._preloaded: dict[str, set[Session]] = {}
+        self._preload_locks: dict[str, asyncio.Lock] = {}
         self.pool.on_connect(self.load_into)
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -118,13 +135,31 @@ class EnclaveBackend:
         return await self.keys.handle(op, args)
 
     async def load_into(self, conn: EnclaveConnection) -> None:
-        """A new connection (the pool's connect event): its enclave gets the KMS credentials and every
-        wrapped keyring and sealed key before it takes work."""
+        """A new connection (the pool's connect event): its enclave gets the KMS credentials, every keyring
+        envelope and the preloaded keys before it takes work. Connections of one enclave URL share one
+        enclave process: while another of its connections has been up, unbroken, since that process got
+        the keys, this one gets only the envelopes (cheap, and current)."""
         await self.push_credentials(conn)
-        envelopes = [e.to_wire() for e in self.store.envelopes()]
-        keys = [k.to_wire() for k in self.store.keys()]
-        for args in load_frames(envelopes, keys):
-            await conn.key_op("keyrings.load", args)
+        async with self._preload_locks.setdefault(conn.url, asyncio.Lock()):  # siblings wait for the first
+            sessions = {s for s in self._preloaded.get(conn.url, set()) if _unbroken(s)}
+            keys = [] if sessions else [k.to_wire() for k in self.preload()]
+            envelopes = [e.to_wire() for e in self.store.envelopes()]
+            for args in load_frames(envelopes, keys):
+                await conn.key_op("keyrings.load", args)
+            self._preloaded[conn.url] = sessions | {(conn, conn.stats.connects)}
+        if keys:
+            log.info("keys_preloaded", channel=conn.name, keys=len(keys), envelopes=len(envelopes))
+
+    def preload(self) -> list[SealedKey]:
+        """The keys a new enclave gets before any is asked for: the `preload_keys` most recently created
+        (by their records' creation time), oldest first - an enclave whose key cache is smaller keeps
+        the newest. Every other key is pushed on its first request (unknown_key)."""
+        if self.preload_keys == 0:
+            return []
+        keys = self.store.keys()
+        if len(keys) > self.preload_keys:
+            keys = heapq.nlargest(self.preload_keys, keys, key=lambda k: k.created_ms)
+        return sorted(keys, key=lambda k: k.created_ms)
 
     async def reload_keys(self, key_ids: set[str]) -> set[str]:
         """Keys another host created (or an enclave let go): read the store up to now if this host's view
@@ -170,3 +205,9 @@ class EnclaveBackend:
             if conn.enclave_id and conn.enclave_stats:
                 out.setdefault(conn.enclave_id, conn.enclave_stats)
         return out
+
+
+def _unbroken(session: Session) -> bool:
+    """The connection is still the one it was then (not lost, nor connected again since)."""
+    conn, connects = session
+    return conn.connected and conn.stats.connects == connects

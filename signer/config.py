@@ -95,6 +95,7 @@ class HostConfig:
     enclave_wait_s: float = 30.0
     shutdown_timeout_s: float = 30.0
     keystore: str = ""  # SIGNER_KEYSTORE: the key store's URL (signer/keystore.py)
+    preload_keys: int = 10_000  # SIGNER_PRELOAD_KEYS: sealed keys pushed to an enclave on connect (newest)
     default_keyring: str = "default"
     kms_credentials_file: str = ""  # JSON as IMDS serves role credentials: AccessKeyId, SecretAccessKey, Token
     max_in_flight: int = 10_000  # records fetched and not yet done; above it partitions pause
@@ -172,6 +173,7 @@ class HostConfig:
             enclave_wait_s=num("SIGNER_ENCLAVE_WAIT_S", 30),
             shutdown_timeout_s=num("SIGNER_SHUTDOWN_TIMEOUT_S", 30),
             keystore=_keystore(environ),
+            preload_keys=num("SIGNER_PRELOAD_KEYS", 10_000),
             default_keyring=env("SIGNER_DEFAULT_KEYRING", "default"),
             kms_credentials_file=env("SIGNER_KMS_CREDENTIALS_FILE", ""),
             max_in_flight=num("SIGNER_MAX_IN_FLIGHT", 10_000, 1),
@@ -229,6 +231,7 @@ class HostConfig:
             "SIGNER_SHUTDOWN_TIMEOUT_S": _whole("SIGNER_SHUTDOWN_TIMEOUT_S", self.shutdown_timeout_s, 1),
             "SIGNER_KEYSTORE": self.keystore,
             "SIGNER_KEYSTORE_DIR": "",  # an inherited deprecated setting must not contradict SIGNER_KEYSTORE
+            "SIGNER_PRELOAD_KEYS": str(self.preload_keys),
             "SIGNER_DEFAULT_KEYRING": self.default_keyring,
             "SIGNER_KMS_CREDENTIALS_FILE": self.kms_credentials_file,
             "SIGNER_MAX_IN_FLIGHT": str(self.max_in_flight),

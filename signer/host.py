@@ -52,6 +52,7 @@ class HostWorker:
             config.enclaves, store, config.pool, self.metrics,
             default_keyring=config.default_keyring,
             credentials=functools.partial(kms_credentials, config.kms_credentials_file),
+            preload_keys=config.preload_keys,
         )  # fmt: skip
         EnclaveStatsCollector(self.backend.enclave_stats, self.metrics.registry)
         self.intake = Intake(config.layout, self.backend, self.metrics)

@@ -8,6 +8,7 @@ and sealed keys the enclave hands back, and loads them into the other enclaves
 from __future__ import annotations
 
 import asyncio
+import heapq
 from typing import Any
 
 import msgpack
@@ -24,6 +25,7 @@ log = structlog.get_logger("keys")
 
 LOAD_CHUNK = 2000  # sealed keys per keyrings.load frame, at most
 LOAD_CHUNK_BYTES = 1024 * 1024  # and at most this many encoded bytes (enclaves accept 2 MiB frames)
+LIST_KEYS = 10_000  # keys one keys.list answer holds (an enclave lists its lowest key ids, this many)
 
 
 def load_frames(envelopes: list[dict[str, Any]], keys: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -78,8 +80,7 @@ class KeyManager:
                 )
                 return self._result(reply)
             if op == "keys.list":
-                reply = await self.pool.key_op("keys.list", {"nonce": args.get("nonce")}, enclave_id=self._target(args))
-                return self._result(reply)
+                return await self._list(args)
             if op in ("keys.create", "keys.import"):
                 return await self._add(op, args)
             if op == "keys.rotate_dek":
@@ -115,6 +116,19 @@ class KeyManager:
         if not reply.get("ok"):
             raise KeyOpError.from_wire(reply.get("error"))
         return {**dict(reply["result"]), "enclave_id": reply.get("enclave_id")}
+
+    async def _list(self, args: dict[str, Any]) -> dict[str, Any]:
+        """An enclave holds only the keys it was given or asked for (its key cache is bounded): first load
+        into it the keys its answer will hold - the store's LIST_KEYS lowest key ids, the order it lists
+        in - so the listing is the store's, as far as the enclave can open it, whatever it held before."""
+        enclave_id = self._target(args)
+        listed = heapq.nsmallest(LIST_KEYS, self.store.keys(), key=lambda k: k.key_id)
+        rings = {k.keyring_id for k in listed}
+        envelopes = [e.to_wire() for e in self.store.envelopes() if e.keyring_id in rings]
+        for load in load_frames(envelopes, [k.to_wire() for k in listed]):
+            await self.pool.key_op("keyrings.load", load, enclave_id=enclave_id)
+        reply = await self.pool.key_op("keys.list", {"nonce": args.get("nonce")}, enclave_id=enclave_id)
+        return self._result(reply)
 
     async def _add(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         enclave_id = self._target(args)

@@ -33,6 +33,7 @@ def _non_default() -> HostConfig:
         enclave_wait_s=7,
         shutdown_timeout_s=9,
         keystore="s3://signer-keys/prod?region=eu-west-1",
+        preload_keys=0,
         default_keyring="ring",
         kms_credentials_file="/run/signer/creds.json",
         max_in_flight=321,
