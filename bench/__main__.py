@@ -77,11 +77,11 @@ def _run(coro: Any) -> Any:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
-    commands = ["report", "profile", "settings", "soak", "e2e", "channel", "vault", "schemes", "gateway"]
+    commands = ["report", "profile", "settings", "soak", "e2e", "channel", "vault", "schemes", "gateway", "keys"]
     ap.add_argument("what", nargs="?", choices=commands, default="report")
     ap.add_argument("--out", type=Path, default=Path("artifacts/bench"), help="report directory (report)")
     ap.add_argument(
-        "--smoke", action="store_true", help="a tiny configuration that checks the harness (report, gateway)"
+        "--smoke", action="store_true", help="a tiny configuration that checks the harness (report, gateway, keys)"
     )
     ap.add_argument("--flamegraphs", action="store_true", help="py-spy flame graphs (profile)")
     ap.add_argument("--host-env", action="append", default=[], metavar="NAME=VALUE",
@@ -89,7 +89,15 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0, help="open-loop minutes (soak)")
     ap.add_argument("--fault-every", type=float, default=180.0,
                     help="seconds between faults, fewer on a short run; 0: no faults (soak)")  # fmt: skip
-    ap.add_argument("--bootstrap", default="", help="use this Kafka instead of starting one (gateway)")
+    ap.add_argument("--bootstrap", default="", help="use this Kafka instead of starting one (gateway, keys)")
+    ap.add_argument("--keys", type=int, default=100_000, help="keys in the store (keys)")
+    ap.add_argument("--keystore", default="", help="the key store's URL (keys; default a fresh kafka:///TOPIC)")
+    ap.add_argument("--preload", type=int, default=10_000, help="SIGNER_PRELOAD_KEYS of the new host (keys)")
+    ap.add_argument("--sample", type=int, default=300, help="first signatures measured of each kind (keys)")
+    ap.add_argument("--concurrency", type=int, default=64, help="key creations at a time (keys)")
+    ap.add_argument("--enclave-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="an enclave setting, e.g. ENCLAVE_MAX_KEYS=50000 (keys; repeatable)")  # fmt: skip
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of every profile; medians reported (settings)")
     ap.add_argument("-n", type=int, default=20000)
     args = ap.parse_args()
     configure_logging("bench", os.environ.get("SIGNER_LOG_LEVEL", "WARNING"))
@@ -116,7 +124,7 @@ def main() -> None:
         total = args.n if args.n != 20000 else 30_000
         custom = dict(item.split("=", 1) for item in args.host_env)
         profiles = {**PROFILES, "custom": custom} if custom else PROFILES
-        _run(run_settings(out, total=total, profiles=profiles))
+        _run(run_settings(out, total=total, profiles=profiles, rounds=args.rounds))
         print((out / "settings.md").read_text())
         return
     if args.what == "soak":
@@ -133,6 +141,16 @@ def main() -> None:
         out = args.out if args.out != Path("artifacts/bench") else Path("artifacts/gateway")
         _run(run_gateway_bench(out, GATEWAY_SMOKE if args.smoke else GatewayProfile(), args.bootstrap))
         print((out / "gateway.md").read_text())
+        return
+    if args.what == "keys":
+        from .keys import SMOKE as KEYS_SMOKE
+        from .keys import KeysProfile, run_keys_bench
+
+        out = args.out if args.out != Path("artifacts/bench") else Path("artifacts/keys")
+        profile = KEYS_SMOKE if args.smoke else KeysProfile(args.keys, args.preload, args.sample, args.concurrency)
+        enclave_env = dict(item.split("=", 1) for item in args.enclave_env)
+        _run(run_keys_bench(out, profile, args.bootstrap, args.keystore, enclave_env))
+        print((out / "keys.md").read_text())
         return
     if args.what == "schemes":
         from .schemes import run_scheme_bench
