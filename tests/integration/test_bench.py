@@ -56,3 +56,25 @@ def test_gateway_bench_smoke_answers_every_call_once(tmp_path: Path, bootstrap: 
     assert load["statuses"] == {"200 ok": load["calls"]} and load["gateway_rss_mib"]["max"] > 0
     assert report["bad_signatures"] == 0
     assert "added by the gateway" in (tmp_path / "gateway.md").read_text()
+
+
+def test_keys_bench_smoke_measures_every_figure(tmp_path: Path, bootstrap: str) -> None:
+    """`python -m bench keys --smoke` on the session's Kafka: 40 keys created through the enclaves, a view
+    read, a new host started, first signatures of held keys and of keys pushed on demand, all measured."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "SIGNER_"))}
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "keys", "--smoke", "--bootstrap", bootstrap, "--out", str(tmp_path)],
+        env={**env, "PYTHONPATH": str(ROOT), "SIGNER_LOG_LEVEL": "WARNING"},
+        capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "keys.json").read_text())
+    assert report["creation"]["keys"] == 40 and report["creation"]["per_second"] > 0
+    assert set(report["creation"]["by_enclave"]) == {"enc0", "enc1"}  # created through both enclaves
+    assert report["view"]["keys"] == 40 and report["view"]["keyrings"] == 8
+    assert report["new_host"]["start_to_first_signature_s"] > 0 and report["new_host"]["rss_mib_at_end"] > 0
+    for sampled in (report["first_signature_ms"], report["backend"]["first_signature_ms"]):
+        assert sampled["held_by_the_enclave"]["n"] >= 1  # 10 preloaded, less one per keyring used to warm up
+        assert sampled["pushed_on_demand"]["n"] == 8 and sampled["pushed_on_demand"]["p50"] > 0
+    assert all(e["keys_held"] == 40 for e in report["enclaves_after_creation"].values())
+    assert "pushed on demand" in (tmp_path / "keys.md").read_text()
