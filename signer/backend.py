@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +26,7 @@ from schemas.refusals import Code
 
 from .channel import EnclaveConnection
 from .credentials import Credentials
-from .keys import KeyManager, load_frames
+from .keys import KeyManager, load_frames, newest
 from .keystore import KeyStore, KeyStoreError
 from .metrics import HostMetrics
 from .pool import EnclavePool, PoolSettings
@@ -57,7 +56,7 @@ class EnclaveBackend:
         self.store = store
         self.metrics = metrics or HostMetrics()
         self.pool = EnclavePool(urls, settings, self.metrics)
-        self.keys = KeyManager(self.pool, store, default_keyring)
+        self.keys = KeyManager(self.pool, store, default_keyring, preload_keys)
         self.credentials = credentials  # None: the enclaves have credentials of their own
         self.credentials_every_s = credentials_every_s
         self._refresher: asyncio.Task[None] | None = None
@@ -151,15 +150,9 @@ class EnclaveBackend:
             log.info("keys_preloaded", channel=conn.name, keys=len(keys), envelopes=len(envelopes))
 
     def preload(self) -> list[SealedKey]:
-        """The keys a new enclave gets before any is asked for: the `preload_keys` most recently created
-        (by their records' creation time), oldest first - an enclave whose key cache is smaller keeps
-        the newest. Every other key is pushed on its first request (unknown_key)."""
-        if self.preload_keys == 0:
-            return []
-        keys = self.store.keys()
-        if len(keys) > self.preload_keys:
-            keys = heapq.nlargest(self.preload_keys, keys, key=lambda k: k.created_ms)
-        return sorted(keys, key=lambda k: k.created_ms)
+        """The keys a new enclave gets before any is asked for: the `preload_keys` most recently created,
+        oldest first. Every other key is pushed on its first request (unknown_key)."""
+        return newest(self.store.keys(), self.preload_keys)
 
     async def reload_keys(self, key_ids: set[str]) -> set[str]:
         """Keys another host created (or an enclave let go): read the store up to now if this host's view

@@ -48,6 +48,17 @@ def load_frames(envelopes: list[dict[str, Any]], keys: list[dict[str, Any]]) -> 
     return out
 
 
+def newest(keys: list[SealedKey], n: int) -> list[SealedKey]:
+    """The `n` most recently created keys (by their records' creation time), oldest first: what a new
+    enclave connection is given (SIGNER_PRELOAD_KEYS); loaded in this order, an enclave whose key cache
+    is smaller keeps the newest."""
+    if n <= 0:
+        return []
+    if len(keys) > n:
+        keys = heapq.nlargest(n, keys, key=lambda k: k.created_ms)
+    return sorted(keys, key=lambda k: k.created_ms)
+
+
 class KeyOpError(Refused):
     """A key operation refused, by this host or relayed from the enclave: the admin reply's error."""
 
@@ -55,10 +66,13 @@ class KeyOpError(Refused):
 class KeyManager:
     """Relays admin operations (signed by operators) to an enclave and keeps the records it returns."""
 
-    def __init__(self, pool: EnclavePool, store: KeyStore, default_keyring: str = "default"):
+    def __init__(
+        self, pool: EnclavePool, store: KeyStore, default_keyring: str = "default", preload_keys: int = 10_000
+    ):
         self.pool = pool
         self.store = store
         self.default_keyring = default_keyring
+        self.preload_keys = preload_keys  # keys a new enclave connection is given (EnclaveBackend.load_into)
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def handle(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -118,15 +132,19 @@ class KeyManager:
         return {**dict(reply["result"]), "enclave_id": reply.get("enclave_id")}
 
     async def _list(self, args: dict[str, Any]) -> dict[str, Any]:
-        """An enclave holds only the keys it was given or asked for (its key cache is bounded): first load
-        into it the keys its answer will hold - the store's LIST_KEYS lowest key ids, the order it lists
-        in - so the listing is the store's, as far as the enclave can open it, whatever it held before."""
+        """An enclave holds the keys it was given when it connected (`preload_keys`, the newest), created
+        through this host, or asked for (and within its bounded cache): first give it those of the keys its
+        answer will hold - the store's LIST_KEYS lowest key ids, the order it lists in - that it was not
+        given when it connected, so the listing is the store's, as far as the enclave can open it."""
         enclave_id = self._target(args)
-        listed = heapq.nsmallest(LIST_KEYS, self.store.keys(), key=lambda k: k.key_id)
-        rings = {k.keyring_id for k in listed}
-        envelopes = [e.to_wire() for e in self.store.envelopes() if e.keyring_id in rings]
-        for load in load_frames(envelopes, [k.to_wire() for k in listed]):
-            await self.pool.key_op("keyrings.load", load, enclave_id=enclave_id)
+        keys = self.store.keys()
+        given = {k.key_id for k in newest(keys, self.preload_keys)}
+        listed = [k for k in heapq.nsmallest(LIST_KEYS, keys, key=lambda k: k.key_id) if k.key_id not in given]
+        if listed:
+            rings = {k.keyring_id for k in listed}
+            envelopes = [e.to_wire() for e in self.store.envelopes() if e.keyring_id in rings]
+            for load in load_frames(envelopes, [k.to_wire() for k in listed]):
+                await self.pool.key_op("keyrings.load", load, enclave_id=enclave_id)
         reply = await self.pool.key_op("keys.list", {"nonce": args.get("nonce")}, enclave_id=enclave_id)
         return self._result(reply)
 
