@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--keystore", default="", help="the key store's URL (keys; default a fresh kafka:///TOPIC)")
     ap.add_argument("--preload", type=int, default=10_000, help="SIGNER_PRELOAD_KEYS of the new host (keys)")
     ap.add_argument("--sample", type=int, default=300, help="first signatures measured of each kind (keys)")
-    ap.add_argument("--concurrency", type=int, default=64, help="key creations at a time (keys)")
+    ap.add_argument("--concurrency", type=int, default=6, help="key creations at a time, at most 8 (keys)")
     ap.add_argument("--enclave-env", action="append", default=[], metavar="NAME=VALUE",
                     help="an enclave setting, e.g. ENCLAVE_MAX_KEYS=50000 (keys; repeatable)")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=2, help="rounds of every profile; medians reported (settings)")

@@ -65,10 +65,12 @@ class KeysProfile:
     keys: int = 100_000
     preload: int = 10_000  # SIGNER_PRELOAD_KEYS of the new host
     sample: int = 300  # first signatures measured, of held keys and of keys pushed on demand
-    concurrency: int = 64  # keys.create operations at a time, each on its own keyring
+    # keys.create operations at a time, each on its own keyring: an enclave takes at most 8 key operations in
+    # flight on a connection, and each operation has one on its enclave and then one on the other (the new key)
+    concurrency: int = 6
 
 
-SMOKE = KeysProfile(keys=40, preload=10, sample=8, concurrency=8)
+SMOKE = KeysProfile(keys=40, preload=10, sample=8, concurrency=6)
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:

@@ -34,6 +34,10 @@ from .pool import EnclavePool, PoolSettings
 log = structlog.get_logger("backend")
 
 DEFAULT_PRELOAD_KEYS = 10_000  # SIGNER_PRELOAD_KEYS
+# keys pushed on demand, at most this many pushes at once: each is a key operation on one connection of every
+# enclave, and an enclave drops a connection with more than 8 key operations in flight (admin operations,
+# credentials and connect-time loads share that budget)
+PUSHES_AT_ONCE = 2
 
 Session = tuple[EnclaveConnection, int]  # a connection and its connect count: one unbroken connection
 
@@ -66,6 +70,7 @@ class EnclaveBackend:
         # preloaded keys (one of them got them); while one of them is still up, so is that process
         self._preloaded: dict[str, set[Session]] = {}
         self._preload_locks: dict[str, asyncio.Lock] = {}
+        self._pushes = asyncio.Semaphore(PUSHES_AT_ONCE)
         self.pool.on_connect(self.load_into)
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -167,8 +172,9 @@ class EnclaveBackend:
         if sealed:
             rings = {s.keyring_id for s in sealed}
             envelopes = [e.to_wire() for e in self.store.envelopes() if e.keyring_id in rings]
-            for load in load_frames(envelopes, [s.to_wire() for s in sealed]):
-                await self.pool.broadcast("keyrings.load", load)
+            async with self._pushes:
+                for load in load_frames(envelopes, [s.to_wire() for s in sealed]):
+                    await self.pool.broadcast("keyrings.load", load)
         return {s.key_id for s in sealed}
 
     async def push_credentials(self, conn: EnclaveConnection | None = None) -> None:

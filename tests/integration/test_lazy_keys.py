@@ -8,6 +8,7 @@ Real dev KMS and enclave worker processes; the host's enclave backend in-process
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -127,3 +128,18 @@ async def test_keys_list_and_rotation_work_on_an_enclave_given_no_keys(rig: Rig)
     listed = await operator.list_keys()  # ring1's keys too, though the enclave was never asked for them
     assert sorted(k["key_id"] for k in listed) == sorted(k["key_id"] for k in keys)
     await _signs_every_key(backend, keys, "rotated")
+
+
+async def test_many_batches_of_keys_pushed_at_once_keep_every_connection(rig: Rig) -> None:
+    """An enclave refuses more than 8 key operations in flight on one connection (it drops the connection):
+    KEYS batches at once, each of one key the enclave was never given, all sign and no connection is lost."""
+    keys: list[dict[str, Any]] = rig.keys  # type: ignore[attr-defined]
+    fresh = await rig.topology.start_enclave("fresh")
+    backend, _ = await _backend(rig, fresh.url, preload_keys=0)
+    connects = [c.stats.connects for c in backend.pool.connections]
+    for round_ in range(3):  # 18 batches: the same keys again are pushed again only if the enclave lacks them
+        reqs = [digest_req(f"burst{round_}-{i}", k["key_id"]) for i, k in enumerate(keys * 3)]
+        results = await asyncio.gather(*(backend.sign(r["key_id"], msgpack.packb(r)) for r in reqs))
+        assert [r["status"] for r in results] == ["ok"] * len(reqs), results
+    assert [c.stats.connects for c in backend.pool.connections] == connects
+    assert all(c.connected for c in backend.pool.connections)
