@@ -13,7 +13,7 @@ the same `secp256k1_digest` load as `bench profile`:
 
 Each figure reported is the median over the rounds (the machine is shared and noisy; each
 round's figures are in settings.json). The profiles are the ones docs/configuration.md
-recommends; `--host-env NAME=VALUE` adds a profile of its own (named "custom"). Written to --out
+describes; `--host-env NAME=VALUE` adds a profile of its own (named "custom"). Written to --out
 (default artifacts/settings): settings.json, settings.md.
 """
 
