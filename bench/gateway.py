@@ -84,7 +84,7 @@ class _KafkaPath:
 
     def __init__(self, bootstrap: str, layout: TopicLayout) -> None:
         self.layout = layout
-        self.producer = result_producer(bootstrap, client_id="bench-gateway-direct", linger_ms=1)
+        self.producer = result_producer(bootstrap, client_id="bench-gateway-direct", linger_ms=0)
         self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                          isolation_level="read_committed", fetch_max_wait_ms=100)  # fmt: skip
         self.waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
