@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import structlog
@@ -46,6 +46,9 @@ from schemas.refusals import Code
 from schemas.sign_request import MAX_REQUEST_BYTES, canonical_encoding, sign_request_from_map
 
 from .config import ConfigError, HostConfig, _bool, _env, _int
+
+if TYPE_CHECKING:
+    from .keystore import KeyStore
 
 log = structlog.get_logger("gateway")
 
@@ -312,14 +315,17 @@ def _address(scheme: str, public_key: bytes) -> str | None:
 
 class KeyDirectory:
     """key_id, address and public key of the keys in the key store the hosts use (no secret is read;
-    the sealed parts stay where they are). Re-read when the store's directories change: checked every
+    the sealed parts stay where they are). A directory store is re-read when its directories change;
+    any other store is opened once (for reading) and brought up to date (`KeyStore.refresh`: for Kafka,
+    read to the end offset; for S3, new objects only). Either is checked every
     SIGNER_GATEWAY_KEYS_REFRESH_S, and before listing keys or on an unknown identifier (at most every
     0.1 s). Addresses are derived from the public keys. A wrong mapping cannot make the gateway return
     a signature by another address than the one asked for: transactions carry `from` (checked in the
     enclave), and eth_sign and eth1 sign signatures are recovered and compared before they are returned."""
 
-    def __init__(self, root: str, refresh_s: float) -> None:
-        self.root, self.refresh_s = root, refresh_s
+    def __init__(self, root: str, refresh_s: float, bootstrap: str = "") -> None:
+        self.root, self.refresh_s, self.bootstrap = root, refresh_s, bootstrap
+        self._store: KeyStore | None = None  # a store that is not a directory, once opened
         self.by_id: dict[str, KeyInfo] = {}
         self.by_ident: dict[str, KeyInfo] = {}  # lower 0x address, 0x public key (65 and 64 bytes)
         self.loaded = False
@@ -335,6 +341,31 @@ class KeyDirectory:
         # the address is derived here from the public key (which the sealed record binds), not read
         return [KeyInfo(k.key_id, k.scheme, k.public_key, _address(k.scheme, k.public_key), k.keyring_id)
                 for k in keys]  # fmt: skip
+
+    async def _read_store(self) -> list[KeyInfo]:
+        """The live store's current keys: opened (for reading) the first time, then refreshed. A store that
+        fails to refresh - or a Kafka topic that did not exist when it was opened - is opened again."""
+        from .keystore import KeyStoreError, open_keystore
+
+        if self._store is not None:
+            try:
+                await self._store.refresh()
+            except KeyStoreError:
+                await self.close()
+        if self._store is None:
+            if self.root.startswith("kafka:"):  # for reading only: no producer, no topic created
+                store = open_keystore(self.root, bootstrap=self.bootstrap, writer=False)
+            else:
+                store = open_keystore(self.root)
+            await store.start()
+            self._store = store
+        return [KeyInfo(k.key_id, k.scheme, k.public_key, _address(k.scheme, k.public_key), k.keyring_id)
+                for k in self._store.keys()]  # fmt: skip
+
+    async def close(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            await store.close()
 
     def _stamp(self) -> tuple[tuple[str, int], ...]:
         """Modification times of the store's directories: a key written anywhere changes one."""
@@ -352,10 +383,14 @@ class KeyDirectory:
                 return
             self._last = now
             try:
-                stamp = await asyncio.to_thread(self._stamp)
-                if stamp == self._seen and self.loaded and not force:
-                    return
-                keys = await asyncio.to_thread(self._read)
+                stamp: tuple[tuple[str, int], ...] = ()
+                if "://" in self.root:  # a store that is not a directory
+                    keys = await self._read_store()
+                else:
+                    stamp = await asyncio.to_thread(self._stamp)
+                    if stamp == self._seen and self.loaded and not force:
+                        return
+                    keys = await asyncio.to_thread(self._read)
             except Exception as exc:  # a half-written store: keep what we had
                 log.warning("keys_refresh_failed", error=repr(exc))
                 return
@@ -446,7 +481,7 @@ class Gateway:
         self.instance_id = cfg.instance_id or uuid.uuid4().hex[:12]
         self.reply_topic = f"{cfg.layout.results}.gw.{self.instance_id}"
         self.clients = clients or Clients.load(cfg.clients_file, cfg.allow_unauthenticated)
-        self.keys = KeyDirectory(cfg.keystore_dir, cfg.keys_refresh_s)
+        self.keys = KeyDirectory(cfg.keystore_dir, cfg.keys_refresh_s, cfg.bootstrap)
         self.metrics = GatewayMetrics()
         self.pending: dict[str, _Pending] = {}
         self.calls = 0  # calls in progress (admitted), bounded by max_outstanding
@@ -463,7 +498,7 @@ class Gateway:
 
         await self._create_reply_topic()
         self._producer = result_producer(
-            self.cfg.bootstrap, client_id=f"signer-gateway-{self.instance_id}", linger_ms=1
+            self.cfg.bootstrap, client_id=f"signer-gateway-{self.instance_id}", linger_ms=0
         )
         await self._producer.start()
         self._consumer = AIOKafkaConsumer(
@@ -561,6 +596,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self.fail_pending()
+        await self.keys.close()
         if self._consumer is not None:
             await self._consumer.stop()
         if self._producer is not None:
