@@ -10,8 +10,8 @@ replay within the validity window is refused too.
 
 from __future__ import annotations
 
+import heapq
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +61,8 @@ class OperationVerifier:
     def __init__(self, config: EnclaveConfig, identity: Identity) -> None:
         self.config = config
         self.identity = identity
-        self._nonces: OrderedDict[bytes, int] = OrderedDict()  # nonce -> expires_ms
+        self._nonces: dict[bytes, int] = {}  # nonce -> expires_ms
+        self._expiring: list[tuple[int, bytes]] = []  # (expires_ms, nonce), a heap: the next to expire first
 
     def verify(self, op: str, args: Any) -> Operation:
         """Check an operation frame's `args` ({operation: bytes, approvals: [...]}); raise Refused."""
@@ -105,16 +106,16 @@ class OperationVerifier:
         return Operation(op, body["args"], raw, tuple(sorted(signers)))
 
     def _remember(self, nonce: bytes, expires_ms: int, now_ms: int) -> None:
-        while self._nonces and next(iter(self._nonces.values())) <= now_ms:
-            self._nonces.popitem(last=False)
+        while self._expiring and self._expiring[0][0] <= now_ms:
+            _, gone = heapq.heappop(self._expiring)
+            del self._nonces[gone]
         if nonce in self._nonces:
             raise Refused(Code.OPERATION_REPLAYED, "this signed operation was already used")
         if len(self._nonces) >= MAX_REMEMBERED_NONCES:
             # forgetting a live nonce would allow its replay: refuse instead, until some expire
             raise Refused(Code.OPERATION_BUSY, "too many live admin operations; retry in a few minutes")
         self._nonces[nonce] = expires_ms
-        # kept in expiry order so the oldest-expiring nonce is evicted first
-        self._nonces = OrderedDict(sorted(self._nonces.items(), key=lambda kv: kv[1]))
+        heapq.heappush(self._expiring, (expires_ms, nonce))  # O(log n): no re-sort per operation
 
 
 def _decode(raw: bytes) -> dict[str, Any]:

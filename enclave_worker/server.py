@@ -37,7 +37,7 @@ BatchHandler = Callable[[list[Any]], list[list[Any]]]
 
 
 MAX_CONNECTIONS = 64  # host connections served at once; more are closed at once
-MAX_KEY_OPS_IN_FLIGHT = 8  # per connection; a host that sends more loses the connection
+MAX_KEY_OPS_IN_FLIGHT = frames.MAX_KEY_OPS_IN_FLIGHT  # per connection; a host that sends more loses the connection
 MAX_LOAD_ENVELOPES = 1_000  # per keyrings.load frame
 MAX_LOAD_KEYS = 5_000  # per keyrings.load frame
 MAX_LIST_KEYS = 10_000

@@ -45,6 +45,9 @@ HOST_FRAME_BYTES = 2 * 1024 * 1024
 HOST_FRAME_CONTAINERS = 50_000
 MAX_CONTAINER_LEN = 100_000
 MAX_ITEMS = MAX_CONTAINER_LEN  # requests or results in one frame
+# key operations one connection may have in flight: an enclave drops a connection that sends more,
+# and a host waits for a free one before it sends another
+MAX_KEY_OPS_IN_FLIGHT = 8
 MAX_OP_CHARS = 64  # a key operation's name
 MAX_ENCLAVE_ID_CHARS = 128
 MAX_CODE_CHARS = 64  # an error frame's code

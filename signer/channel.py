@@ -157,6 +157,9 @@ class EnclaveConnection:
         self._on_lost = on_lost
         self._on_idle = on_idle
         self._key_ops: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        # the enclave drops a connection with more key operations in flight than this: wait for a slot
+        self._key_op_slots = asyncio.Semaphore(frames.MAX_KEY_OPS_IN_FLIGHT)
+        self.key_ops_waiting = 0  # key operations in flight or waiting for a slot
         # what each frame from the enclave is for; any other frame is refused
         self._handlers: dict[type[frames.Frame], Callable[[Any], None]] = {
             frames.ResultsFrame: self._on_results,
@@ -310,6 +313,16 @@ class EnclaveConnection:
             self._work.set()
 
     async def key_op(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """One key operation, answered on this connection; at most MAX_KEY_OPS_IN_FLIGHT at once (the
+        rest wait their turn, as the enclave drops a connection that sends more)."""
+        self.key_ops_waiting += 1
+        try:
+            async with self._key_op_slots:
+                return await self._key_op(op, args)
+        finally:
+            self.key_ops_waiting -= 1
+
+    async def _key_op(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         if not self.connected:
             raise ChannelClosed(f"{self.url}: {self.closed_reason}")
         op_id = next(self._ids)

@@ -452,7 +452,7 @@ class EnclavePool:
             live = self.live(url) or live
         if not live:
             raise ChannelClosed(f"no enclave connected{f' with id {enclave_id}' if enclave_id else ''}")
-        conn = min(live, key=lambda c: c.load)
+        conn = min(live, key=lambda c: (c.key_ops_waiting, c.load))
         reply = await conn.key_op(op, args)
         return {**reply, "enclave_id": conn.enclave_id, "url": conn.url}
 

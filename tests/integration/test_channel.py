@@ -346,3 +346,29 @@ def test_a_write_to_a_connection_that_closed_meanwhile_is_a_lost_connection_unde
             await conn.close()
 
     uvloop.run(scenario())
+
+
+async def test_many_key_operations_at_once_wait_their_turn(sock_dir: Path, tmp_path: Path) -> None:
+    """40 key operations at once on one connection (an enclave drops a connection with more than 8 in
+    flight): each gets the enclave's reply and the connection stays up. (Without the host's limit the
+    enclave dropped it and most of them failed with ChannelClosed.)"""
+    proc, url = start_enclave(sock_dir, "e0", tmp_path, handler="noop")
+    pool = EnclavePool([url], _settings())
+    try:
+        await pool.start(ready_timeout=10)
+        await wait_until(lambda: len(pool.live()) == 2, what="both connections")
+        conn = pool.live()[0]
+        connects = conn.stats.connects
+        async with asyncio.timeout(30):
+            replies = await asyncio.gather(*(conn.key_op("keys.list", {}) for _ in range(40)))
+        # the noop enclave has no vault: every operation gets its typed refusal, none is lost
+        assert [r["ok"] for r in replies] == [False] * 40
+        assert {r["error"]["code"] for r in replies} == {"unsupported"}
+        assert conn.connected and conn.stats.connects == connects
+        # the pool spreads concurrent operations over an enclave's connections
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(pool.key_op("keys.list", {}) for _ in range(40)))
+        assert all(c.connected for c in pool.connections)
+    finally:
+        await pool.close()
+        proc.stop()
