@@ -403,7 +403,16 @@ async def test_every_key_operation_gets_a_typed_reply(stage: Stage) -> None:
     await ch.close()
 
 
-async def test_a_failed_rotation_leaves_the_keyring_as_it_was(stage: Stage) -> None:
+async def test_a_failed_rotation_leaves_the_keyring_as_it_was(tmp_path: Path, sock_dir: Path) -> None:
+    # an unwrap (or a new data key) waits for KMS at most 3 s here, not the default 30 s
+    stage = await Stage(tmp_path, sock_dir).start(enclaves=1, env={"ENCLAVE_UNWRAP_TIMEOUT_S": "3"})
+    try:
+        await _failed_rotation(stage)
+    finally:
+        await stage.stop()
+
+
+async def _failed_rotation(stage: Stage) -> None:
     import aiohttp
 
     key = await _op(stage).create_key("secp256k1", "kr")
