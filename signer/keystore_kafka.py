@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -126,13 +126,23 @@ class KafkaKeyStore(ViewedKeyStore):
         await self._caught_up(end)
 
     async def _caught_up(self, offset: int) -> None:
-        """Wait until the view has seen every record below `offset`."""
-        try:
-            async with asyncio.timeout(self.read_timeout_s), self._moved:
-                await self._moved.wait_for(lambda: self._position >= offset or self._tail is None or self._tail.done())
-        except TimeoutError:
-            raise KeyStoreError(f"{self.url}: not read up to offset {offset} within {self.read_timeout_s} s "
-                                f"(at {self._position})") from None  # fmt: skip
+        """Wait until the view has seen every record below `offset`: however long that takes while the
+        reader moves (a new host reads a million keys in ~15 s), but no longer than read_timeout_s
+        without the reader moving at all."""
+
+        def moved_from(seen: int) -> Callable[[], bool]:
+            return lambda: (self._position >= offset or self._position != seen
+                            or self._tail is None or self._tail.done())  # fmt: skip
+
+        while True:
+            try:
+                async with asyncio.timeout(self.read_timeout_s), self._moved:
+                    await self._moved.wait_for(moved_from(self._position))
+            except TimeoutError:
+                raise KeyStoreError(f"{self.url}: not read up to offset {offset}: no progress for "
+                                    f"{self.read_timeout_s} s (at {self._position})") from None  # fmt: skip
+            if self._position >= offset or self._tail is None or self._tail.done():
+                break
         self._running()
 
     def _running(self) -> AIOKafkaConsumer:
