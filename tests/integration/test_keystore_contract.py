@@ -290,9 +290,9 @@ async def test_a_snapshot_reader_sees_the_current_keys(place: Place, monkeypatch
 
 
 async def test_kafka_a_long_topic_is_read_however_long_it_takes_while_it_moves(bootstrap: str) -> None:
-    """A new host reading a large store: 30,000 records take longer than the store's read timeout (here
-    0.5 s; each record is slowed down), but the reader keeps moving, so the store starts and holds them all. (A million keys used to
-    stop a new host at start: the whole read had to fit in the 10 s timeout.)"""
+    """A new host reading a large store: 40,000 records take longer than the store's read timeout (here
+    1 s; each record is slowed down), but the reader keeps moving, so the store starts and holds them
+    all. (A million keys used to stop a new host at start: the whole read had to fit in 10 s.)"""
     from signer.keystore_kafka import KafkaKeyStore
 
     topic = f"t{uuid.uuid4().hex[:8]}.sign.keys"
@@ -302,16 +302,16 @@ async def test_kafka_a_long_topic_is_read_however_long_it_takes_while_it_moves(b
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=1024 * 1024)
     await producer.start()
     try:
-        n = 30_000
+        n = 40_000
         for i in range(n):  # records of no known kind: read, counted and skipped
             await producer.send(topic, b"x" * 200, key=f"other/{i}".encode(), partition=0)
         await producer.flush()
     finally:
         await producer.stop()
-    reader = KafkaKeyStore(bootstrap, topic, read_timeout_s=0.5, writer=False)
+    reader = KafkaKeyStore(bootstrap, topic, read_timeout_s=1.0, writer=False)
     apply = reader._apply
 
-    def slow_apply(offset: int, key: bytes | None, value: bytes | None) -> None:  # 30,000 x 50 us: 1.5 s
+    def slow_apply(offset: int, key: bytes | None, value: bytes | None) -> None:  # 40,000 x 50 us: 2 s
         time.sleep(50e-6)
         apply(offset, key, value)
 
@@ -320,6 +320,6 @@ async def test_kafka_a_long_topic_is_read_however_long_it_takes_while_it_moves(b
     await reader.start()
     try:
         assert reader.records == n
-        assert time.perf_counter() - t0 > 0.5  # longer than the timeout: only progress kept it waiting
+        assert time.perf_counter() - t0 > 1.0  # longer than the timeout: only progress kept it waiting
     finally:
         await reader.close()
