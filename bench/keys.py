@@ -302,7 +302,10 @@ async def run_keys_bench(out: Path, p: KeysProfile, bootstrap: str = "", keystor
         await topology.provision()
         await topology.start_enclaves(Enclaves(count=2, prefix="enc", env=bounds))
         settings = PoolSettings(connections_per_enclave=2)
-        backend = await topology.start_backend(settings)
+        backend = await topology.start_backend(settings)  # returns once one connection is up
+        async with asyncio.timeout(60):  # creations go through every enclave: wait for all of them
+            while len({c.enclave_id for c in backend.pool.live()}) < len(topology.enclaves):
+                await asyncio.sleep(0.05)  # noqa: ASYNC110 - polls the pool, which has no such event
         progress(f"creating {p.keys:,} keys")
         report["creation"] = await _create(topology, backend, p)
         report["enclaves_after_creation"] = await _enclave_cache(backend, topology)
