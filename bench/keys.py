@@ -304,8 +304,9 @@ async def run_keys_bench(out: Path, p: KeysProfile, bootstrap: str = "", keystor
         settings = PoolSettings(connections_per_enclave=2)
         backend = await topology.start_backend(settings)  # returns once one connection is up
         async with asyncio.timeout(60):  # creations go through every enclave: wait for all of them
-            while len({c.enclave_id for c in backend.pool.live()}) < len(topology.enclaves):
-                await asyncio.sleep(0.05)  # noqa: ASYNC110 - polls the pool, which has no such event
+            # the pool has no event for "every enclave up": its state is polled
+            while len({c.enclave_id for c in backend.pool.live()}) < len(topology.enclaves):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
         progress(f"creating {p.keys:,} keys")
         report["creation"] = await _create(topology, backend, p)
         report["enclaves_after_creation"] = await _enclave_cache(backend, topology)
