@@ -202,6 +202,23 @@ def decode_key(data: bytes) -> SealedKey:
 UNDECODABLE = (ValueError, TypeError, KeyError)
 
 
+def stored_envelope(data: bytes, keyring_id: str, version: int | str) -> KeyringEnvelope:
+    """An envelope read from its place in a store (file, object, item, record key), which names its
+    keyring and version: a record that names others is not loaded (one of UNDECODABLE)."""
+    env = decode_envelope(data)
+    if (env.keyring_id, str(env.dek_version)) != (keyring_id, str(version)):
+        raise ValueError("the record names another keyring or version than its place in the store")
+    return env
+
+
+def stored_key(data: bytes, keyring_id: str, version: int | str, key_id: str) -> SealedKey:
+    """A sealed key read from its place in a store, which names its keyring, version and key id."""
+    key = decode_key(data)
+    if (key.keyring_id, str(key.dek_version), key.key_id) != (keyring_id, str(version), key_id):
+        raise ValueError("the record names another keyring, version or key than its place in the store")
+    return key
+
+
 def check_ids(env: KeyringEnvelope | None = None, keys: list[SealedKey] | None = None) -> None:
     if env is not None and not valid_name(env.keyring_id):
         raise ValueError(f"bad keyring id {env.keyring_id!r}")
@@ -239,9 +256,7 @@ class DirectoryKeyStore(ViewedKeyStore):
         for ring_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and valid_name(p.name)):
             for version, path in sorted((int(m[1]), p) for p in ring_dir.iterdir() if (m := _ENVELOPE.match(p.name))):
                 try:
-                    env = decode_envelope(path.read_bytes())
-                    if (env.keyring_id, env.dek_version) != (ring_dir.name, version):
-                        raise ValueError("the record names another keyring or version than its file")
+                    env = stored_envelope(path.read_bytes(), ring_dir.name, version)
                 except (*UNDECODABLE, OSError) as exc:
                     self.skipped(str(path), exc)
                     continue
@@ -252,9 +267,7 @@ class DirectoryKeyStore(ViewedKeyStore):
                     if not (m := _KEY.match(p.name)):
                         continue
                     try:
-                        key = decode_key(p.read_bytes())
-                        if (key.key_id, key.keyring_id, key.dek_version) != (m[1], ring_dir.name, int(m[2])):
-                            raise ValueError("the record names another key, keyring or version than its file")
+                        key = stored_key(p.read_bytes(), ring_dir.name, int(m[2]), m[1])
                     except (*UNDECODABLE, OSError) as exc:
                         self.skipped(str(p), exc)
                         continue

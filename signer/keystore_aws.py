@@ -41,10 +41,10 @@ from .keystore import (
     KeyStoreError,
     ViewedKeyStore,
     check_ids,
-    decode_envelope,
-    decode_key,
     dek_tag,
     encode,
+    stored_envelope,
+    stored_key,
 )
 
 T = TypeVar("T")
@@ -165,15 +165,9 @@ class S3KeyStore(_AwsKeyStore):
     def _apply(self, name: str, body: bytes) -> None:
         try:
             if m := _S3_ENVELOPE.match(name):
-                env = decode_envelope(body)
-                if (env.keyring_id, env.dek_version) != (m[1], int(m[2])):
-                    raise ValueError("the record names another keyring or version than its object")
-                self.view.add_envelope(env)
+                self.view.add_envelope(stored_envelope(body, m[1], int(m[2])))
             elif m := _S3_KEY.match(name):
-                key = decode_key(body)
-                if (key.keyring_id, key.key_id, key.dek_version) != (m[1], m[2], int(m[3])):
-                    raise ValueError("the record names another keyring, key or version than its object")
-                self.view.add_key(key, m[4])
+                self.view.add_key(stored_key(body, m[1], int(m[3]), m[2]), m[4])
         except UNDECODABLE as exc:
             self.skipped(f"s3://{self.bucket}/{self._root}{name}", exc)
 
@@ -258,15 +252,9 @@ class DynamoDBKeyStore(_AwsKeyStore):
     def _apply(self, pk: str, body: bytes) -> None:
         try:
             if m := _DDB_ENVELOPE.match(pk):
-                env = decode_envelope(body)
-                if (env.keyring_id, env.dek_version) != (m[1], int(m[2])):
-                    raise ValueError("the record names another keyring or version than its item")
-                self.view.add_envelope(env)
+                self.view.add_envelope(stored_envelope(body, m[1], int(m[2])))
             elif m := _DDB_KEY.match(pk):
-                key = decode_key(body)
-                if (key.keyring_id, key.dek_version, key.key_id) != (m[1], int(m[2]), m[4]):
-                    raise ValueError("the record names another keyring, version or key than its item")
-                self.view.add_key(key, m[3])
+                self.view.add_key(stored_key(body, m[1], int(m[2]), m[4]), m[3])
         except UNDECODABLE as exc:
             self.skipped(f"{self.url} {pk}", exc)
 

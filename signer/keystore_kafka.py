@@ -45,10 +45,10 @@ from .keystore import (
     KeyStoreError,
     ViewedKeyStore,
     check_ids,
-    decode_envelope,
-    decode_key,
     dek_tag,
     encode,
+    stored_envelope,
+    stored_key,
 )
 
 log = structlog.get_logger("keystore")
@@ -182,15 +182,9 @@ class KafkaKeyStore(ViewedKeyStore):
         try:
             parts = (key or b"").decode().split("/")
             if parts[0] == "e" and len(parts) == 4:
-                env = decode_envelope(value)
-                if [env.keyring_id, str(env.dek_version)] != parts[1:3]:
-                    raise ValueError("the record names another keyring or version than its record key")
-                self.view.add_envelope(env)
+                self.view.add_envelope(stored_envelope(value, parts[1], parts[2]))
             elif parts[0] == "k" and len(parts) == 5:
-                sealed = decode_key(value)
-                if [sealed.keyring_id, str(sealed.dek_version), sealed.key_id] != [parts[1], parts[2], parts[4]]:
-                    raise ValueError("the record names another keyring, version or key than its record key")
-                self.view.add_key(sealed, parts[3])
+                self.view.add_key(stored_key(value, parts[1], parts[2], parts[4]), parts[3])
             else:
                 raise ValueError("not a key store record key")
         except (*UNDECODABLE, UnicodeDecodeError) as exc:
