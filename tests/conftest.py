@@ -18,7 +18,7 @@ import pytest
 from broker.kafka_cluster import LocalKafkaCluster
 from broker.local_kafka import LocalKafka
 from broker.topics import TopicLayout
-from signer.topology import Topology
+from signer.topology import ChildProcess, Topology
 
 
 @pytest.fixture(scope="session")
@@ -112,3 +112,14 @@ async def committed_and_end_offsets(
     finally:
         await consumer.stop()
     return {tp: committed[tp].offset if tp in committed else 0 for tp in parts}, dict(ends)
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's server (S3 and DynamoDB, tests/moto_server.py), started for the module that asks for it and
+    stopped by pid; its endpoint URL."""
+    proc = ChildProcess("tests.moto_server", log=tmp_path_factory.mktemp("moto") / "moto.log").spawn()
+    try:
+        yield proc.wait_ready(60)
+    finally:
+        proc.stop()

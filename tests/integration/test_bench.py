@@ -40,13 +40,7 @@ def test_smoke_report_is_complete(tmp_path: Path) -> None:
 
 def test_gateway_bench_smoke_answers_every_call_once(tmp_path: Path, bootstrap: str) -> None:
     """`python -m bench gateway --smoke` on the session's Kafka: both paths measured, every call answered once."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "SIGNER_"))}
-    out = subprocess.run(
-        [sys.executable, "-m", "bench", "gateway", "--smoke", "--bootstrap", bootstrap, "--out", str(tmp_path)],
-        env={**env, "PYTHONPATH": str(ROOT), "SIGNER_LOG_LEVEL": "WARNING"},
-        capture_output=True, text=True, timeout=300, cwd=ROOT, check=False,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
+    _smoke("gateway", bootstrap, tmp_path, timeout=300)
     report = json.loads((tmp_path / "gateway.json").read_text())
     overhead, load = report["overhead"], report["load"]
     assert overhead["gateway"]["calls"] == overhead["kafka"]["requests"] == 40  # 20/s for 2 s on each path
@@ -61,13 +55,7 @@ def test_gateway_bench_smoke_answers_every_call_once(tmp_path: Path, bootstrap: 
 def test_keys_bench_smoke_measures_every_figure(tmp_path: Path, bootstrap: str) -> None:
     """`python -m bench keys --smoke` on the session's Kafka: 40 keys created through the enclaves, a view
     read, a new host started, first signatures of held keys and of keys pushed on demand, all measured."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "SIGNER_"))}
-    out = subprocess.run(
-        [sys.executable, "-m", "bench", "keys", "--smoke", "--bootstrap", bootstrap, "--out", str(tmp_path)],
-        env={**env, "PYTHONPATH": str(ROOT), "SIGNER_LOG_LEVEL": "WARNING"},
-        capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
+    _smoke("keys", bootstrap, tmp_path, timeout=120)
     report = json.loads((tmp_path / "keys.json").read_text())
     assert report["creation"]["keys"] == 40 and report["creation"]["per_second"] > 0
     assert set(report["creation"]["by_enclave"]) == {"enc0", "enc1"}  # created through both enclaves
@@ -78,3 +66,14 @@ def test_keys_bench_smoke_measures_every_figure(tmp_path: Path, bootstrap: str) 
         assert sampled["pushed_on_demand"]["n"] == 8 and sampled["pushed_on_demand"]["p50"] > 0
     assert all(e["keys_held"] == 40 for e in report["enclaves_after_creation"].values())
     assert "pushed on demand" in (tmp_path / "keys.md").read_text()
+
+
+def _smoke(mode: str, bootstrap: str, out: Path, timeout: float) -> None:
+    """`python -m bench MODE --smoke` on the session's Kafka, writing to `out`; it must exit 0."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "SIGNER_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", mode, "--smoke", "--bootstrap", bootstrap, "--out", str(out)],
+        env={**env, "PYTHONPATH": str(ROOT), "SIGNER_LOG_LEVEL": "WARNING"},
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -10,7 +10,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,6 @@ from aiokafka import AIOKafkaProducer
 
 from schemas.records import KeyringEnvelope, SealedKey
 from signer.keystore import KeyringConflict, KeyStore, dek_tag, open_keystore, read_keys
-from signer.topology import ChildProcess
 from tests.moto_server import AWS_TEST_ENV, aws_client, create_table
 
 BACKENDS = ["dir", "kafka", "s3", "dynamodb"]
@@ -39,16 +38,6 @@ def sealed(ring: str, version: int = 1, key_id: str | None = None) -> SealedKey:
 
 
 # -- where each backend keeps its records ------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """moto's server, started for this module, stopped by pid."""
-    proc = ChildProcess("tests.moto_server", log=tmp_path_factory.mktemp("moto") / "moto.log").spawn()
-    try:
-        yield proc.wait_ready(60)
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

@@ -10,28 +10,17 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from signer.keystore import DirectoryKeyStore, KeyStore, open_keystore
-from signer.topology import ChildProcess
 from tests.conftest import ROOT
 from tests.integration.test_keystore_contract import envelope, sealed, wire
 from tests.moto_server import AWS_TEST_ENV, aws_client
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "SIGNER_", "AWS_"))}
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc = ChildProcess("tests.moto_server", log=tmp_path_factory.mktemp("moto") / "moto.log").spawn()
-    try:
-        yield proc.wait_ready(60)
-    finally:
-        proc.stop()
 
 
 def migrate(source: str, target: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
