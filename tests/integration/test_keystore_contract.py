@@ -280,7 +280,7 @@ async def test_a_snapshot_reader_sees_the_current_keys(place: Place, monkeypatch
 
 async def test_kafka_a_long_topic_is_read_however_long_it_takes_while_it_moves(bootstrap: str) -> None:
     """A new host reading a large store: 40,000 records take longer than the store's read timeout (here
-    1 s; each record is slowed down), but the reader keeps moving, so the store starts and holds them
+    2 s; each record is slowed down), but the reader keeps moving, so the store starts and holds them
     all. (A million keys used to stop a new host at start: the whole read had to fit in 10 s.)"""
     from signer.keystore_kafka import KafkaKeyStore
 
@@ -297,11 +297,11 @@ async def test_kafka_a_long_topic_is_read_however_long_it_takes_while_it_moves(b
         await producer.flush()
     finally:
         await producer.stop()
-    reader = KafkaKeyStore(bootstrap, topic, read_timeout_s=1.0, writer=False)
+    reader = KafkaKeyStore(bootstrap, topic, read_timeout_s=2.0, writer=False)
     apply = reader._apply
 
-    def slow_apply(offset: int, key: bytes | None, value: bytes | None) -> None:  # 40,000 x 50 us: 2 s
-        time.sleep(50e-6)
+    def slow_apply(offset: int, key: bytes | None, value: bytes | None) -> None:  # 40,000 x 100 us: 4 s
+        time.sleep(100e-6)
         apply(offset, key, value)
 
     reader._apply = slow_apply  # type: ignore[method-assign]
@@ -309,6 +309,6 @@ async def test_kafka_a_long_topic_is_read_however_long_it_takes_while_it_moves(b
     await reader.start()
     try:
         assert reader.records == n
-        assert time.perf_counter() - t0 > 1.0  # longer than the timeout: only progress kept it waiting
+        assert time.perf_counter() - t0 > 2.0  # longer than the timeout: only progress kept it waiting
     finally:
         await reader.close()
